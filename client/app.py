@@ -1,0 +1,29 @@
+"""The hospital's Flower ClientApp (Message API)."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from .handlers import handle_evaluate, handle_train
+from .site import SiteResolver, site_from_node_config
+
+__all__ = ["app", "create_client_app"]
+
+
+def create_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+    """A ClientApp whose site comes from ``resolve_site(node_config)`` (the simulation's seam)."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(message: Message, context: Context) -> Message:
+        return handle_train(message, resolve_site(context.node_config))
+
+    @client_app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        return handle_evaluate(message, resolve_site(context.node_config))
+
+    return client_app
+
+
+app = create_client_app()

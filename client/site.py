@@ -1,0 +1,58 @@
+"""Where a node's data lives: site-local facts from the node config, never from the run config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SiteConfigError
+
+__all__ = ["Site", "SiteResolver", "site_from_node_config", "PartitionSites"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """A hospital's data folder and the name it reports metrics under."""
+
+    data_dir: Path
+    name: str
+
+
+SiteResolver = Callable[[Mapping[str, Any]], Site]
+
+
+def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
+    """A real SuperNode: ``--node-config "data-dir='/data/dicom' site-name='hospital-a'"``."""
+    raw = node_config.get("data-dir")
+    if not raw:
+        raise SiteConfigError(
+            "node config lacks 'data-dir': start the SuperNode with "
+            "--node-config \"data-dir='/path/to/dicom' site-name='my-hospital'\""
+        )
+    data_dir = Path(str(raw)).expanduser()
+    if not data_dir.is_dir():
+        raise SiteConfigError(f"data-dir {data_dir} is not a directory")
+    name = str(node_config.get("site-name") or data_dir.name)
+    return Site(data_dir=data_dir, name=name)
+
+
+@dataclass(frozen=True)
+class PartitionSites:
+    """Simulation: virtual node ``partition-id`` k reads only the k-th site folder."""
+
+    site_dirs: Sequence[Path]
+
+    def __call__(self, node_config: Mapping[str, Any]) -> Site:
+        if "data-dir" in node_config:
+            return site_from_node_config(node_config)
+        try:
+            index = int(node_config["partition-id"])
+            data_dir = Path(self.site_dirs[index])
+        except (KeyError, IndexError, ValueError) as exc:
+            raise SiteConfigError(
+                f"no site folder for virtual node {dict(node_config)!r} "
+                f"({len(self.site_dirs)} sites)"
+            ) from exc
+        return Site(data_dir=data_dir, name=data_dir.name)

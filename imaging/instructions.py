@@ -1,0 +1,70 @@
+"""What the coordinator asks a site to do each round: the typed form of the round config.
+
+It travels as flat scalars (a Flower ConfigRecord) and is parsed here, once, on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+from .spec import ModelSpec
+
+__all__ = ["RoundInstructions"]
+
+
+def _get(config: Mapping[str, Any], key: str, kind: type) -> Any:
+    if key not in config:
+        raise ConfigError(f"round config lacks {key!r}")
+    value = config[key]
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"round config {key!r}={value!r} is not a {kind.__name__}") from exc
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    """Local training and evaluation settings sent with every round."""
+
+    spec: ModelSpec
+    local_epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    seed: int = 42
+    test_fraction: float = 0.25
+    server_round: int = 0
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            raise ConfigError(f"local-epochs must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch-size must be >= 1, got {self.batch_size}")
+        if not 0 < self.learning_rate < 1:
+            raise ConfigError(f"learning-rate must lie in (0, 1), got {self.learning_rate}")
+        if not 0 <= self.test_fraction < 1:
+            raise ConfigError(f"test-fraction must lie in [0, 1), got {self.test_fraction}")
+
+    def to_config(self) -> dict[str, int | float | str]:
+        return {
+            "model-spec": self.spec.to_json(),
+            "local-epochs": self.local_epochs,
+            "batch-size": self.batch_size,
+            "learning-rate": self.learning_rate,
+            "seed": self.seed,
+            "test-fraction": self.test_fraction,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RoundInstructions:
+        return cls(
+            spec=ModelSpec.from_json(_get(config, "model-spec", str)),
+            local_epochs=_get(config, "local-epochs", int),
+            batch_size=_get(config, "batch-size", int),
+            learning_rate=_get(config, "learning-rate", float),
+            seed=_get(config, "seed", int),
+            test_fraction=_get(config, "test-fraction", float),
+            server_round=int(config.get("server-round", 0)),
+        )

@@ -1,0 +1,104 @@
+"""The Flower run config, parsed once at the ServerApp's edge into typed settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aggregation import StrategySettings
+from imaging.errors import ConfigError
+from imaging.instructions import RoundInstructions
+from imaging.spec import ModelSpec
+
+from .errors import RunConfigError
+
+__all__ = ["FederationConfig"]
+
+
+def _channels(raw: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in str(raw).split(",") if c.strip())
+    except ValueError as exc:
+        raise RunConfigError(f"unet-channels must be comma-separated integers, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_rounds: int
+    round_timeout: float
+    model_name: str
+    strategy: StrategySettings
+    instructions: RoundInstructions
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
+        """Typed settings from ``[tool.flwr.app.config]`` fused with ``--run-config``."""
+        get = _Getter(run_config)
+        try:
+            spec = ModelSpec(
+                channels=_channels(get("unet-channels", str)),
+                image_size=get("image-size", int),
+            )
+            instructions = RoundInstructions(
+                spec=spec,
+                local_epochs=get("local-epochs", int),
+                batch_size=get("batch-size", int),
+                learning_rate=get("learning-rate", float),
+                seed=get("seed", int),
+                test_fraction=get("test-fraction", float),
+            )
+            strategy = StrategySettings(
+                name=get("strategy", str).lower(),
+                fraction_train=get("fraction-train", float),
+                min_sites=get("min-sites", int),
+            )
+        except (ConfigError, ValueError) as exc:
+            raise RunConfigError(f"invalid run config: {exc}") from exc
+        num_rounds = get("num-server-rounds", int)
+        if num_rounds < 1:
+            raise RunConfigError(f"num-server-rounds must be >= 1, got {num_rounds}")
+        timeout = get("round-timeout", float)
+        if timeout <= 0:
+            raise RunConfigError(f"round-timeout must be > 0 seconds, got {timeout}")
+        return cls(
+            num_rounds=num_rounds,
+            round_timeout=timeout,
+            model_name=get("model-name", str),
+            strategy=strategy,
+            instructions=instructions,
+        )
+
+    def as_params(self) -> dict[str, object]:
+        """Flat parameters for experiment tracking."""
+        i = self.instructions
+        return {
+            "num-server-rounds": self.num_rounds,
+            "round-timeout": self.round_timeout,
+            "model-name": self.model_name,
+            "strategy": self.strategy.name,
+            "fraction-train": self.strategy.fraction_train,
+            "min-sites": self.strategy.min_sites,
+            "local-epochs": i.local_epochs,
+            "batch-size": i.batch_size,
+            "learning-rate": i.learning_rate,
+            "seed": i.seed,
+            "test-fraction": i.test_fraction,
+            "image-size": i.spec.image_size,
+            "unet-channels": ",".join(map(str, i.spec.channels)),
+            "norm": i.spec.norm,
+        }
+
+
+class _Getter:
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+
+    def __call__(self, key: str, kind: type) -> Any:
+        if key not in self.config:
+            raise RunConfigError(f"run config lacks {key!r} (see [tool.flwr.app.config])")
+        value = self.config[key]
+        try:
+            return kind(value)
+        except (TypeError, ValueError) as exc:
+            raise RunConfigError(f"run config {key}={value!r} is not a {kind.__name__}") from exc

@@ -1,0 +1,17 @@
+"""The server package's exception tree."""
+
+from __future__ import annotations
+
+__all__ = ["ServerError", "RunConfigError", "FederationError"]
+
+
+class ServerError(Exception):
+    """Base class of every error raised by :mod:`server`."""
+
+
+class RunConfigError(ServerError, ValueError):
+    """The Flower run config is missing a key or holds a bad value."""
+
+
+class FederationError(ServerError):
+    """The federation produced no model (no site replied, every round failed...)."""

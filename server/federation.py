@@ -1,0 +1,141 @@
+"""One federated run: initial model, Flower's round loop, tracking, publishing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from aggregation import SiteMetrics, SiteReportingStrategy, build_strategy, summarize_evaluation
+from imaging.model import build_unet
+from registry import PublishedVersion, RegistryStore, TrackingRun, publish_model
+
+from .config import FederationConfig
+from .errors import FederationError
+from .lineage import code_version, compact_json
+
+__all__ = ["FederationOutcome", "run_federation"]
+
+log = logging.getLogger("fedseg.server")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class _RoundLog:
+    """What each round reported, kept for lineage and for the final decision."""
+
+    train_examples: dict[str, int] = field(default_factory=dict)
+    last_evaluation: dict[str, float] = field(default_factory=dict)
+    last_sites: list[SiteMetrics] = field(default_factory=list)
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class FederationOutcome:
+    run_id: str
+    published: PublishedVersion
+    metrics: dict[str, float]
+    sites: dict[str, int]
+
+
+def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
+    def report(phase: str, server_round: int, sites: list[SiteMetrics], errors: list[str]) -> None:
+        for reason in errors:
+            progress(f"round {server_round} {phase}: site failed: {reason}")
+        state.failures += len(errors)
+        metrics: dict[str, float] = {f"{phase}/failed_sites": float(len(errors))}
+        for s in sites:
+            for key, value in s.metrics.items():
+                metrics[f"site/{s.site}/{phase}/{key}"] = value
+        if phase == "train":
+            for s in sites:
+                state.train_examples[s.site] = int(s.metrics.get("num-examples", 0))
+            losses = [s.metrics["train-loss"] for s in sites if "train-loss" in s.metrics]
+            if losses:
+                metrics["train/loss_mean"] = sum(losses) / len(losses)
+        else:
+            summary = summarize_evaluation(sites)
+            metrics.update({f"eval/{k}": v for k, v in summary.items()})
+            state.last_evaluation, state.last_sites = summary, sites
+            per_site = "  ".join(f"{s.site}={s.metrics.get('dice', float('nan')):.3f}" for s in sites)
+            if summary:
+                progress(
+                    f"round {server_round}: Dice pooled {summary['dice_pooled']:.3f}  "
+                    f"mean {summary.get('dice_mean', float('nan')):.3f}  "
+                    f"worst {summary.get('dice_min', float('nan')):.3f}  |  {per_site}"
+                )
+        run.log_metrics(metrics, step=server_round)
+
+    return report
+
+
+def run_federation(
+    grid: Grid,
+    config: FederationConfig,
+    store: RegistryStore,
+    *,
+    experiment: str = "fedseg",
+    progress: Progress = log.info,
+) -> FederationOutcome:
+    """Run ``config.num_rounds`` rounds, log them to MLflow, publish the final global model."""
+    spec = config.instructions.spec
+    torch.manual_seed(config.instructions.seed)
+    initial = ArrayRecord(build_unet(spec).state_dict())
+    run = TrackingRun.start(
+        store, experiment, run_name=f"{config.model_name}-federated",
+        tags={"fedseg.role": "coordinator", "fedseg.code_version": code_version()},
+    )
+    run.log_params(config.as_params())
+    state = _RoundLog()
+    strategy = SiteReportingStrategy(build_strategy(config.strategy), _reporter(run, state, progress))
+    round_config = ConfigRecord(config.instructions.to_config())
+    progress(f"federated run {run.run_id}: {config.num_rounds} rounds, strategy {config.strategy.name}")
+    ok = False
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=config.num_rounds,
+            timeout=config.round_timeout,
+            train_config=round_config,
+            evaluate_config=ConfigRecord(config.instructions.to_config()),
+        )
+        if not result.train_metrics_clientapp:
+            raise FederationError(
+                f"no round produced an update ({state.failures} site failures); nothing to publish"
+            )
+        if not state.last_evaluation:
+            raise FederationError("no site returned an evaluation; refusing to publish an unevaluated model")
+        final_state = result.arrays.to_torch_state_dict()
+        lineage = {
+            "run_id": run.run_id,
+            "rounds": str(config.num_rounds),
+            "rounds_completed": str(len(result.train_metrics_clientapp)),
+            "sites": compact_json(state.train_examples),
+            "num_sites": str(len(state.train_examples)),
+            "strategy": config.strategy.name,
+            "strategy_params": compact_json({"fraction_train": config.strategy.fraction_train,
+                                             "min_sites": config.strategy.min_sites}),
+            "code_version": code_version(),
+            "preprocessing": spec.to_json(),
+            "eval_sites": compact_json({s.site: round(s.metrics.get("dice", 0.0), 6)
+                                        for s in state.last_sites}),
+        }
+        published = publish_model(
+            store, run, config.model_name, final_state, spec, state.last_evaluation, lineage
+        )
+        run.set_tags({"fedseg.model_version": str(published.version)})
+        progress(
+            f"published {published.name} v{published.version}"
+            f" ({'champion: ' if published.promoted else 'not promoted: '}{published.reason})"
+        )
+        ok = True
+        return FederationOutcome(run.run_id, published, dict(state.last_evaluation),
+                                 dict(state.train_examples))
+    finally:
+        run.end(ok)

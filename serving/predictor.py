@@ -1,0 +1,116 @@
+"""The model as the service runs it: a rebuilt U-Net, its spec, and the triage rule."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from imaging.model import load_state_dict, select_device
+from imaging.preprocess import preprocess_image, restore_probabilities
+from imaging.spec import ModelSpec
+from imaging.training import predict_probabilities
+from imaging.volume import Volume
+from registry.load import LoadedModel
+
+__all__ = ["Prediction", "Predictor", "Status", "triage_score"]
+
+Status = Literal["suspect", "normal"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One series' result, in the input's geometry.
+
+    Attributes
+    ----------
+    mask : np.ndarray
+        uint8 ``(slices, rows, cols)``, 1 where the lesion probability is at least
+        ``spec.threshold``.
+    score : float
+        Probability in [0, 1] that the series holds a lesion (see :func:`triage_score`).
+    status : {"suspect", "normal"}
+        ``"suspect"`` when ``score >= spec.triage_threshold``.
+    slice_scores : np.ndarray
+        float32 ``(slices,)``: each slice's score; ``score`` is their maximum.
+    """
+
+    mask: np.ndarray
+    score: float
+    status: Status
+    slice_scores: np.ndarray
+
+
+def triage_score(probs: np.ndarray, min_lesion_pixels: int) -> tuple[float, np.ndarray]:
+    """Series score and per-slice scores from voxel probabilities ``(slices, rows, cols)``.
+
+    A slice's score is the mean of its ``min_lesion_pixels`` highest probabilities (all of them
+    when the slice is smaller), so one hot pixel does not flag a series; the series score is the
+    highest slice score.
+    """
+    flat = np.asarray(probs, dtype=np.float32).reshape(probs.shape[0], -1)
+    k = max(1, min(int(min_lesion_pixels), flat.shape[1]))
+    top = np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:]
+    per_slice = top.mean(axis=1, dtype=np.float64).astype(np.float32)
+    return float(np.clip(per_slice.max(), 0.0, 1.0)), per_slice
+
+
+class Predictor:
+    """A registered model rebuilt for inference.
+
+    The network is rebuilt from ``model.spec`` by the factory that trained it, loaded strictly,
+    moved to ``device`` and run once on a blank slice (warm-up), so that the first request does
+    not pay for lazy initialisation. :meth:`predict` is thread-safe: forwards are serialised by a
+    lock, while reading and pre/post-processing run concurrently.
+
+    Parameters
+    ----------
+    model : registry.LoadedModel
+        Weights, spec and identity of a registered version.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"`` (see :func:`imaging.model.select_device`).
+    batch_size : int
+        Slices per forward pass.
+
+    Raises
+    ------
+    imaging.errors.ConfigError
+        The weights do not match the spec, or the device is unavailable.
+    """
+
+    def __init__(self, model: LoadedModel, *, device: str = "auto", batch_size: int = 32) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.name = model.name
+        self.version = model.version
+        self.spec: ModelSpec = model.spec
+        self.device = select_device(device)
+        self.batch_size = batch_size
+        self._net = load_state_dict(model.spec, model.state_dict).to(self.device).eval()
+        self._lock = threading.Lock()
+        self._forward(np.zeros((1, self.spec.image_size, self.spec.image_size), np.float32))
+
+    def _forward(self, images: np.ndarray) -> np.ndarray:
+        with self._lock, torch.inference_mode():
+            return predict_probabilities(
+                self._net, images, device=self.device, batch_size=self.batch_size
+            )
+
+    def predict(self, volume: Volume) -> Prediction:
+        """Segment and triage one series.
+
+        Raises
+        ------
+        imaging.errors.DataError
+            The pixels cannot be preprocessed (empty, NaN or infinite values).
+        """
+        _, rows, cols = volume.shape
+        images = preprocess_image(volume.pixels, self.spec)
+        probs = restore_probabilities(self._forward(images), rows, cols)
+        score, per_slice = triage_score(probs, self.spec.min_lesion_pixels)
+        status: Status = "suspect" if score >= self.spec.triage_threshold else "normal"
+        mask = (probs >= self.spec.threshold).astype(np.uint8)
+        return Prediction(mask=mask, score=score, status=status, slice_scores=per_slice)

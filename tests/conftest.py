@@ -1,0 +1,28 @@
+"""Shared fixtures: an isolated $FEDSEG_HOME and small synthetic hospitals."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+@pytest.fixture
+def fedseg_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "fedseg-home"
+    monkeypatch.setenv("FEDSEG_HOME", str(home))
+    monkeypatch.delenv("FEDSEG_MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def synthetic_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two small synthetic hospitals written as real DICOM (series + SEG), shared read-only."""
+    from simulation.synthetic import write_synthetic_sites
+
+    out = tmp_path_factory.mktemp("sites")
+    return write_synthetic_sites(out, sites=2, patients_per_site=4, slices=8, size=32, seed=7)
