@@ -30,3 +30,7 @@ class _LazyGroup(click.Group):
 @click.version_option(package_name="fedseg")
 def main() -> None:
     """fedseg: train one segmentation model across hospitals without moving their data."""
+
+
+if __name__ == "__main__":
+    main()

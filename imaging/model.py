@@ -14,8 +14,10 @@ __all__ = ["build_unet", "load_state_dict", "select_device"]
 def _norm(spec: ModelSpec) -> tuple | str:
     if spec.norm == "instance":
         return ("instance", {"affine": True})
-    # Group norm: the largest group count up to 8 that divides every level's channels.
-    groups = max(g for g in range(1, 9) if all(c % g == 0 for c in spec.channels))
+    # Group norm: the largest group count up to 8 dividing every normalised layer's channels;
+    # MONAI also normalises the top up-sampling layer (out_channels wide), so that counts too.
+    widths = (*spec.channels, spec.out_channels)
+    groups = max(g for g in range(1, 9) if all(c % g == 0 for c in widths))
     return ("group", {"num_groups": groups})
 
 

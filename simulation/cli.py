@@ -1,7 +1,5 @@
-"""``fedseg simulate``: write virtual hospitals (synthetic or from the LGG set).
-
-Other modules add commands to the :data:`simulate` group (e.g. ``run``).
-"""
+"""``fedseg simulate``: write virtual hospitals (synthetic or from the LGG set) and run
+federations over them (``run``, defined in :mod:`simulation.run_command`)."""
 
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ import click
 
 from imaging.errors import ImagingError
 
+from .run_command import run_command
 from .sitedir import read_site_json
 
 __all__ = ["simulate"]
@@ -19,6 +18,9 @@ __all__ = ["simulate"]
 @click.group("simulate")
 def simulate() -> None:
     """Virtual hospitals: write site folders and run simulated federations."""
+
+
+simulate.add_command(run_command)
 
 
 def _check_out(out: Path, force: bool) -> None:

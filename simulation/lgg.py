@@ -129,7 +129,7 @@ def import_lgg(
                 series_dir,
                 image.astype(np.uint16),
                 patient_id=case,
-                patient_name=case,
+                patient_name=f"{case}^",  # one-component person name (trailing caret)
                 modality="MR",
                 spacing=LGG_SPACING_MM,
                 institution=f"TCGA-LGG {code}",

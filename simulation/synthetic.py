@@ -79,10 +79,10 @@ def site_params(index: int, *, size: int = 64, seed: int = 0) -> SiteParams:
         noise=round(float(rng.uniform(0.02, 0.08)), 4),
         intensity_scale=round(float(scale), 2),
         intensity_offset=round(float(offset), 2),
-        lesion_prevalence=round(float(rng.uniform(0.5, 0.9)), 3),
+        lesion_prevalence=round(float(rng.uniform(0.6, 0.95)), 3),
         max_lesions=int(rng.integers(1, 4)),
-        lesion_radius_mm=round(float(rng.uniform(10, 20)), 1),
-        bright_share=round(float(rng.uniform(0.3, 1.0)), 3),
+        lesion_radius_mm=round(float(rng.uniform(18, 30)), 1),
+        bright_share=round(float(rng.uniform(0.6, 1.0)), 3),
     )
 
 

@@ -1,0 +1,36 @@
+"""FastAPI dependencies, injected into routes through ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+
+from .errors import ModelNotReadyError
+from .predictor import Predictor
+from .settings import ServingSettings
+from .state import ModelState
+
+__all__ = ["SettingsDep", "ModelStateDep", "PredictorDep"]
+
+
+def get_settings(request: Request) -> ServingSettings:
+    return request.app.state.settings
+
+
+def get_model_state(request: Request) -> ModelState:
+    return request.app.state.model
+
+
+SettingsDep = Annotated[ServingSettings, Depends(get_settings)]
+ModelStateDep = Annotated[ModelState, Depends(get_model_state)]
+
+
+def get_predictor(model: ModelStateDep) -> Predictor:
+    try:
+        return model.require()
+    except ModelNotReadyError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from None
+
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]

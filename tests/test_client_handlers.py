@@ -1,0 +1,92 @@
+"""The ClientApp's handlers called directly with real Flower Messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flower_messages import instruction
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
+
+from client.app import create_client_app
+from client.errors import SiteConfigError
+from client.site import PartitionSites, site_from_node_config
+from imaging.instructions import RoundInstructions
+from imaging.model import build_unet
+from imaging.site_data import load_site_dataset
+from imaging.spec import ModelSpec
+
+SPEC = ModelSpec(channels=(8, 16), image_size=32)
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _message(kind: str, state: dict, **overrides) -> object:
+    config = RoundInstructions(spec=SPEC, batch_size=8, **overrides).to_config()
+    config["server-round"] = 1
+    return instruction(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(config)}), kind)
+
+
+def test_train_replies_update_samples_and_metrics_only(synthetic_sites: list[Path]) -> None:
+    app = create_client_app()
+    torch.manual_seed(0)
+    initial = build_unet(SPEC).state_dict()
+    site = synthetic_sites[0]
+    reply = app(_message(MessageType.TRAIN, initial), _context({"data-dir": str(site), "site-name": "h1"}))
+
+    assert not reply.has_error()
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    metrics = content["metrics"]
+    data = load_site_dataset(site, SPEC, test_fraction=0.25, seed=42)
+    # FedAvg's weight counts training slices (samples), not batches
+    assert metrics["num-examples"] == data.num_train > 0
+    assert metrics["train-steps"] == -(-data.num_train // 8)
+    assert np.isfinite(metrics["train-loss"])
+    assert dict(content["site"]) == {"site-name": "h1"}
+    updated = content["arrays"].to_torch_state_dict()
+    assert updated.keys() == initial.keys()
+    assert any(not torch.equal(updated[k], initial[k]) for k in initial)
+
+
+def test_evaluate_reports_dice_on_held_out_patients(synthetic_sites: list[Path]) -> None:
+    app = create_client_app(PartitionSites(tuple(synthetic_sites)))
+    reply = app(_message(MessageType.EVALUATE, build_unet(SPEC).state_dict()), _context({"partition-id": 1}))
+    metrics = reply.content["metrics"]
+    data = load_site_dataset(synthetic_sites[1], SPEC, test_fraction=0.25, seed=42)
+    assert metrics["num-examples"] == data.num_test > 0
+    assert 0.0 <= metrics["dice"] <= 1.0
+    assert metrics["dice-truth"] == float(data.test_masks.sum())
+    assert reply.content["site"]["site-name"] == synthetic_sites[1].name
+    assert "arrays" not in reply.content
+
+
+def test_train_and_test_patients_never_overlap(synthetic_sites: list[Path]) -> None:
+    from imaging.site_data import split_patients
+
+    train, test = split_patients(["p1", "p2", "p3", "p4"], 0.25, seed=42)
+    assert train.isdisjoint(test) and len(test) == 1 and len(train | test) == 4
+    assert split_patients(["p1", "p2", "p3", "p4"], 0.25, seed=42) == (train, test)
+
+
+def test_node_config_without_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SiteConfigError, match="node config lacks 'data-dir'"):
+        site_from_node_config({})
+    with pytest.raises(SiteConfigError, match="is not a directory"):
+        site_from_node_config({"data-dir": str(tmp_path / "missing")})
+
+
+def test_bad_round_config_is_refused_before_training(synthetic_sites: list[Path]) -> None:
+    from imaging.errors import ConfigError
+
+    app = create_client_app(PartitionSites(tuple(synthetic_sites)))
+    message = instruction(
+        RecordDict({"arrays": ArrayRecord(build_unet(SPEC).state_dict()), "config": ConfigRecord({"local-epochs": 1})}),
+        MessageType.TRAIN,
+    )
+    with pytest.raises(ConfigError, match="round config lacks 'model-spec'"):
+        app(message, _context({"partition-id": 0}))
