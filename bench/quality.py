@@ -37,7 +37,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--channels", default="16,32,64")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=0.003)
+    p.add_argument("--learning-rate", type=float, default=0.01)
     p.add_argument("--test-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-patients", type=int, default=None, help="per site, for a quick run")

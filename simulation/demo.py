@@ -31,7 +31,7 @@ from .synthetic import write_synthetic_sites
 
 MODEL = "fedseg-unet"
 DEMO_RUN_CONFIG = (
-    "num-server-rounds=5 local-epochs=2 batch-size=8 learning-rate=0.003 "
+    "num-server-rounds=6 local-epochs=2 batch-size=8 learning-rate=0.01 "
     f"image-size=64 unet-channels='8,16,32' model-name='{MODEL}'"
 )
 
