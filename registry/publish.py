@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +70,15 @@ def publish_model(
         torch.save({k: v.detach().cpu() for k, v in state.items()}, tmpdir / STATE_FILE)
         (tmpdir / SPEC_FILE).write_text(spec.to_json())
         model_dir = tmpdir / "model"
-        mlflow.pyfunc.save_model(
-            path=str(model_dir),
-            python_model=str(PYFUNC_SCRIPT),
-            artifacts={"state_dict": str(tmpdir / STATE_FILE), "spec": str(tmpdir / SPEC_FILE)},
-            signature=_signature(spec),
-            pip_requirements=["fedseg", "torch", "monai"],
-        )
+        with warnings.catch_warnings():  # no input example by design: inputs are (N, 1, S, S) tensors
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(model_dir),
+                python_model=str(PYFUNC_SCRIPT),
+                artifacts={"state_dict": str(tmpdir / STATE_FILE), "spec": str(tmpdir / SPEC_FILE)},
+                signature=_signature(spec),
+                pip_requirements=["fedseg", "torch", "monai"],
+            )
         client.log_artifacts(run.run_id, str(model_dir), "model")
     try:
         client.get_registered_model(name)

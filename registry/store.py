@@ -7,11 +7,18 @@ Embedded default: ``sqlite:///$FEDSEG_HOME/mlflow.db`` with artifacts in
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+# MLflow announces every sqlite schema creation at INFO; fedseg reports what matters itself.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*noload.*")
 
 from imaging.home import fedseg_home
 
