@@ -12,7 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from imaging.instructions import RoundInstructions
 from imaging.model import load_state_dict, select_device
-from imaging.site_data import SiteDataset, load_site_dataset
+from imaging.site_cache import load_site_dataset_cached
+from imaging.site_data import SiteDataset
 from imaging.training import evaluate, train_epochs
 
 from .site import Site
@@ -26,11 +27,12 @@ def _load(message: Message, site: Site) -> tuple[RoundInstructions, torch.nn.Mod
     instructions = RoundInstructions.from_config(message.content["config"])
     state = message.content["arrays"].to_torch_state_dict()
     net = load_state_dict(instructions.spec, state)
-    data = load_site_dataset(
+    data = load_site_dataset_cached(
         site.data_dir,
         instructions.spec,
         test_fraction=instructions.test_fraction,
         seed=instructions.seed,
+        cache_dir=site.cache_dir,
     )
     return instructions, net, data
 

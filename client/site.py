@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imaging.home import fedseg_home
+
 from .errors import SiteConfigError
 
 __all__ = ["Site", "SiteResolver", "site_from_node_config", "PartitionSites"]
@@ -14,17 +16,28 @@ __all__ = ["Site", "SiteResolver", "site_from_node_config", "PartitionSites"]
 
 @dataclass(frozen=True)
 class Site:
-    """A hospital's data folder and the name it reports metrics under."""
+    """A hospital's data folder, the name it reports metrics under, and its local cache."""
 
     data_dir: Path
     name: str
+    cache_dir: Path | None = None  # preprocessed slices; None disables the cache
+
+
+def _cache_dir(node_config: Mapping[str, Any]) -> Path | None:
+    raw = str(node_config.get("cache-dir", "")).strip()
+    if raw.lower() == "none":
+        return None
+    return Path(raw).expanduser() if raw else fedseg_home() / "cache" / "site-datasets"
 
 
 SiteResolver = Callable[[Mapping[str, Any]], Site]
 
 
 def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
-    """A real SuperNode: ``--node-config "data-dir='/data/dicom' site-name='hospital-a'"``."""
+    """A real SuperNode: ``--node-config "data-dir='/data/dicom' site-name='hospital-a'"``.
+
+    Optional ``cache-dir`` (default ``$FEDSEG_HOME/cache/site-datasets``; ``none`` disables it).
+    """
     raw = node_config.get("data-dir")
     if not raw:
         raise SiteConfigError(
@@ -35,7 +48,7 @@ def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
     if not data_dir.is_dir():
         raise SiteConfigError(f"data-dir {data_dir} is not a directory")
     name = str(node_config.get("site-name") or data_dir.name)
-    return Site(data_dir=data_dir, name=name)
+    return Site(data_dir=data_dir, name=name, cache_dir=_cache_dir(node_config))
 
 
 @dataclass(frozen=True)
@@ -55,4 +68,4 @@ class PartitionSites:
                 f"no site folder for virtual node {dict(node_config)!r} "
                 f"({len(self.site_dirs)} sites)"
             ) from exc
-        return Site(data_dir=data_dir, name=data_dir.name)
+        return Site(data_dir=data_dir, name=data_dir.name, cache_dir=_cache_dir(node_config))

@@ -10,8 +10,9 @@ import pytest
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fedseg_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own $FEDSEG_HOME: nothing is written to the user's ~/.fedseg."""
     home = tmp_path / "fedseg-home"
     monkeypatch.setenv("FEDSEG_HOME", str(home))
     monkeypatch.delenv("FEDSEG_MLFLOW_TRACKING_URI", raising=False)

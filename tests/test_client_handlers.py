@@ -90,3 +90,31 @@ def test_bad_round_config_is_refused_before_training(synthetic_sites: list[Path]
     )
     with pytest.raises(ConfigError, match="round config lacks 'model-spec'"):
         app(message, _context({"partition-id": 0}))
+
+
+def test_site_cache_serves_later_rounds_and_notices_a_changed_series(tmp_path: Path) -> None:
+    import shutil
+
+    from imaging.site_cache import load_site_dataset_cached
+    from simulation.synthetic import write_synthetic_sites
+
+    (site,) = write_synthetic_sites(tmp_path / "sites", sites=1, patients_per_site=3, slices=4, size=32, seed=3)
+    cache = tmp_path / "cache"
+    first = load_site_dataset_cached(site, SPEC, test_fraction=0.34, seed=1, cache_dir=cache)
+    (entry,) = cache.glob("*.npz")
+    again = load_site_dataset_cached(site, SPEC, test_fraction=0.34, seed=1, cache_dir=cache)
+    np.testing.assert_array_equal(first.train_images, again.train_images)
+    assert again.train_patients == first.train_patients and again.vendors == first.vendors
+
+    # removing one patient's folder changes the key: the cache is rebuilt, the stale entry dropped
+    patient = sorted((site / "patients").iterdir())[0]
+    shutil.rmtree(patient)
+    changed = load_site_dataset_cached(site, SPEC, test_fraction=0.34, seed=1, cache_dir=cache)
+    assert changed.num_train + changed.num_test < first.num_train + first.num_test
+    assert [p.name for p in cache.glob("*.npz")] != [entry.name] and len(list(cache.glob("*.npz"))) == 1
+
+    # a corrupt entry is ignored and rewritten, never trusted
+    (entry2,) = cache.glob("*.npz")
+    entry2.write_bytes(b"garbage")
+    healed = load_site_dataset_cached(site, SPEC, test_fraction=0.34, seed=1, cache_dir=cache)
+    np.testing.assert_array_equal(healed.train_masks, changed.train_masks)
