@@ -34,6 +34,9 @@ def _load(message: Message, site: Site) -> tuple[RoundInstructions, torch.nn.Mod
         seed=instructions.seed,
         cache_dir=site.cache_dir,
     )
+    if data.problems:
+        log.warning("site %s: %d file(s) or series not used, e.g. %s", site.name, len(data.problems),
+                    data.problems[0].reason)
     return instructions, net, data
 
 

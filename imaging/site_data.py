@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, ImagingError
 from .preprocess import preprocess_image, preprocess_mask
 from .site_folder import FileProblem, load_case, scan_site
 from .spec import ModelSpec
@@ -64,7 +64,8 @@ def load_site_dataset(
 ) -> SiteDataset:
     """Read every labelled series under ``root`` and preprocess it for ``spec``.
 
-    Series without a SEG are counted and left out of training (they have no ground truth).
+    Series without a SEG are counted and left out of training (they have no ground truth); a
+    series that cannot be read is recorded in ``problems`` and left out.
     """
     scan = scan_site(Path(root))
     labelled = [case for case in scan.cases if case.seg_file is not None]
@@ -76,14 +77,21 @@ def load_site_dataset(
     train_ids, test_ids = split_patients([c.patient_id for c in labelled], test_fraction, seed)
     buckets: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
     vendors: dict[str, int] = {}
+    problems = list(scan.problems)
     for case in labelled:
-        volume, mask = load_case(case)
+        try:
+            volume, mask = load_case(case)
+        except ImagingError as exc:  # one broken series must not sink the site: record it
+            problems.append(FileProblem(case.files[0].parent, f"series unusable: {exc}"))
+            continue
         assert mask is not None
         bucket = buckets["test" if case.patient_id in test_ids else "train"]
         bucket[0].append(preprocess_image(volume.pixels, spec))
         bucket[1].append(preprocess_mask(mask, spec))
         vendor = volume.manufacturer or "unknown"
         vendors[vendor] = vendors.get(vendor, 0) + 1
+    if not buckets["train"][0] and not buckets["test"][0]:
+        raise DataError(f"no usable labelled series under {root}: " + "; ".join(p.reason for p in problems[:3]))
     s = spec.image_size
     return SiteDataset(
         train_images=_stack(buckets["train"][0], s, np.float32),
@@ -93,6 +101,6 @@ def load_site_dataset(
         train_patients=len(train_ids),
         test_patients=len(test_ids),
         cases_without_seg=len(scan.cases) - len(labelled),
-        problems=list(scan.problems),
+        problems=problems,
         vendors=vendors,
     )

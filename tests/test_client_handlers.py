@@ -118,3 +118,20 @@ def test_site_cache_serves_later_rounds_and_notices_a_changed_series(tmp_path: P
     entry2.write_bytes(b"garbage")
     healed = load_site_dataset_cached(site, SPEC, test_fraction=0.34, seed=1, cache_dir=cache)
     np.testing.assert_array_equal(healed.train_masks, changed.train_masks)
+
+
+def test_a_broken_series_is_recorded_and_the_rest_still_trains(tmp_path: Path) -> None:
+    import shutil
+
+    from simulation.synthetic import write_synthetic_sites
+
+    (site,) = write_synthetic_sites(tmp_path / "s", sites=1, patients_per_site=3, slices=4, size=32, seed=5)
+    broken = sorted((site / "patients").iterdir())[0]
+    first_slice = sorted((broken / "series").iterdir())[0]
+    shutil.copy(sorted((broken / "series").iterdir())[1], first_slice)  # two identical instances
+    # corrupt one instance's pixel data length so the series cannot be decoded
+    raw = bytearray(first_slice.read_bytes())
+    first_slice.write_bytes(bytes(raw[: len(raw) - 100]))
+    data = load_site_dataset(site, SPEC, test_fraction=0.34, seed=1)
+    assert any("series unusable" in p.reason or "cannot be read" in p.reason for p in data.problems)
+    assert data.num_train + data.num_test == 2 * 4
