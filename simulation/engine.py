@@ -86,6 +86,7 @@ def run_simulated_federation(
         )
     # Hospitals are offline: never let Flower install app dependencies at run time.
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's own future default
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config)
     # `_run_simulation` is what Flower's own simulation process calls; pinned flwr==1.41.0.
     _run_simulation(
