@@ -22,6 +22,7 @@ class SiteReportingStrategy(Strategy):
     def __init__(self, inner: Strategy, report: RoundReport) -> None:
         self.inner = inner
         self.report = report
+        self._sent: ArrayRecord | None = None  # this round's global weights, for update norms
 
     def summary(self) -> None:
         self.inner.summary()
@@ -29,6 +30,7 @@ class SiteReportingStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._sent = arrays
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
@@ -40,7 +42,7 @@ class SiteReportingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.report("train", server_round, site_metrics(replies), _errors(replies))
+        self.report("train", server_round, site_metrics(replies, self._sent), _errors(replies))
         return self.inner.aggregate_train(server_round, replies)
 
     def aggregate_evaluate(

@@ -2,34 +2,58 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from flwr.app import Message
+import numpy as np
+from flwr.app import ArrayRecord, Message
 
-__all__ = ["SiteMetrics", "site_metrics", "summarize_evaluation"]
+__all__ = ["SiteMetrics", "site_metrics", "summarize_evaluation", "update_norm"]
 
 
 @dataclass(frozen=True)
 class SiteMetrics:
+    """One site's reply: its numeric metrics and its string facts (manifest hash, input stats)."""
+
     site: str
     metrics: dict[str, float]
+    facts: dict[str, str] = field(default_factory=dict)
 
 
-def site_metrics(replies: Iterable[Message]) -> list[SiteMetrics]:
-    """The metrics of each successful reply, named by the site that sent them."""
+def update_norm(reference: ArrayRecord, update: ArrayRecord) -> float:
+    """L2 norm of ``update - reference`` over every array (the size of a site's step)."""
+    total = 0.0
+    for key, array in update.items():
+        if key in reference:
+            diff = array.numpy().astype(np.float64) - reference[key].numpy().astype(np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def site_metrics(replies: Iterable[Message], reference: ArrayRecord | None = None) -> list[SiteMetrics]:
+    """The metrics of each successful reply, named by the site that sent them.
+
+    With ``reference`` (the global weights sent this round), each reply carrying weights also
+    gets ``update-norm``.
+    """
     out = []
     for reply in replies:
         if reply.has_error():
             continue
         content = reply.content
         site = "node-%d" % reply.metadata.src_node_id
+        facts: dict[str, str] = {}
         if "site" in content.config_records:
-            site = str(content.config_records["site"].get("site-name", site))
+            facts = {k: str(v) for k, v in content.config_records["site"].items()}
+            site = facts.get("site-name", site)
         metrics = {}
         for record in content.metric_records.values():
             metrics.update({k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
-        out.append(SiteMetrics(site=site, metrics=metrics))
+        if reference is not None and content.array_records:
+            arrays = next(iter(content.array_records.values()))
+            metrics["update-norm"] = update_norm(reference, arrays)
+        out.append(SiteMetrics(site=site, metrics=metrics, facts=facts))
     return sorted(out, key=lambda s: s.site)
 
 

@@ -5,6 +5,7 @@ Only weights and aggregate metrics leave: no pixel, no DICOM header, no identifi
 
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -40,10 +41,18 @@ def _load(message: Message, site: Site) -> tuple[RoundInstructions, torch.nn.Mod
     return instructions, net, data
 
 
-def _reply(message: Message, site: Site, metrics: dict[str, float], net=None) -> Message:
-    content = RecordDict(
-        {"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-name": site.name})}
+def _reply(
+    message: Message, site: Site, data: SiteDataset, metrics: dict[str, float], net=None
+) -> Message:
+    """Weights (train only), aggregate metrics, and the site's aggregate input facts."""
+    facts = ConfigRecord(
+        {
+            "site-name": site.name,
+            "manifest-sha256": data.manifest_sha256,
+            "input-stats": json.dumps(data.input_stats, sort_keys=True),
+        }
     )
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": facts})
     if net is not None:
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         content["arrays"] = ArrayRecord(state)
@@ -75,7 +84,7 @@ def handle_train(message: Message, site: Site) -> Message:
         "train-loss": result.loss,
         "train-steps": result.steps,
     }
-    return _reply(message, site, metrics, net=net)
+    return _reply(message, site, data, metrics, net=net)
 
 
 def handle_evaluate(message: Message, site: Site) -> Message:
@@ -98,4 +107,4 @@ def handle_evaluate(message: Message, site: Site) -> Message:
         "dice-predicted": result.counts.predicted,
         "dice-truth": result.counts.truth,
     }
-    return _reply(message, site, metrics)
+    return _reply(message, site, data, metrics)

@@ -22,7 +22,7 @@ from .spec import ModelSpec
 
 __all__ = ["CACHE_FORMAT", "load_site_dataset_cached", "site_fingerprint"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _ARRAYS = ("train_images", "train_masks", "test_images", "test_masks")
 
 
@@ -55,6 +55,8 @@ def _read(entry: Path) -> SiteDataset | None:
             arrays = {k: data[k] for k in _ARRAYS}
     except (OSError, ValueError, KeyError):
         return None
+    if "input_stats" not in meta:
+        return None
     return SiteDataset(
         **arrays,
         train_patients=meta["train_patients"],
@@ -62,6 +64,8 @@ def _read(entry: Path) -> SiteDataset | None:
         cases_without_seg=meta["cases_without_seg"],
         problems=[FileProblem(Path(p), r) for p, r in meta["problems"]],
         vendors=meta["vendors"],
+        input_stats=meta["input_stats"],
+        manifest_sha256=meta["manifest_sha256"],
     )
 
 
@@ -70,6 +74,7 @@ def _write(entry: Path, data: SiteDataset) -> None:
         "train_patients": data.train_patients, "test_patients": data.test_patients,
         "cases_without_seg": data.cases_without_seg, "vendors": data.vendors,
         "problems": [[str(p.path), p.reason] for p in data.problems],
+        "input_stats": data.input_stats, "manifest_sha256": data.manifest_sha256,
     }
     entry.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")

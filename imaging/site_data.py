@@ -10,12 +10,14 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import DataError, ImagingError
 from .preprocess import preprocess_image, preprocess_mask
 from .site_folder import FileProblem, load_case, scan_site
+from .site_stats import InputStatsBuilder
 from .spec import ModelSpec
 
 __all__ = ["SiteDataset", "load_site_dataset", "split_patients"]
@@ -34,6 +36,8 @@ class SiteDataset:
     cases_without_seg: int = 0
     problems: list[FileProblem] = field(default_factory=list)
     vendors: dict[str, int] = field(default_factory=dict)
+    input_stats: dict[str, Any] = field(default_factory=dict)  # aggregate, see site_stats
+    manifest_sha256: str = ""
 
     @property
     def num_train(self) -> int:
@@ -77,6 +81,7 @@ def load_site_dataset(
     train_ids, test_ids = split_patients([c.patient_id for c in labelled], test_fraction, seed)
     buckets: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
     vendors: dict[str, int] = {}
+    stats = InputStatsBuilder(seed=seed)
     problems = list(scan.problems)
     for case in labelled:
         try:
@@ -85,6 +90,7 @@ def load_site_dataset(
             problems.append(FileProblem(case.files[0].parent, f"series unusable: {exc}"))
             continue
         assert mask is not None
+        stats.add(volume, has_seg=True)
         bucket = buckets["test" if case.patient_id in test_ids else "train"]
         bucket[0].append(preprocess_image(volume.pixels, spec))
         bucket[1].append(preprocess_mask(mask, spec))
@@ -103,4 +109,6 @@ def load_site_dataset(
         cases_without_seg=len(scan.cases) - len(labelled),
         problems=problems,
         vendors=vendors,
+        input_stats=stats.stats(),
+        manifest_sha256=stats.manifest_sha256(),
     )

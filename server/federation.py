@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class _RoundLog:
     """What each round reported, kept for lineage and for the final decision."""
 
     train_examples: dict[str, int] = field(default_factory=dict)
+    manifests: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, dict] = field(default_factory=dict)
     last_evaluation: dict[str, float] = field(default_factory=dict)
     last_sites: list[SiteMetrics] = field(default_factory=list)
     failures: int = 0
@@ -55,6 +58,10 @@ def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
         if phase == "train":
             for s in sites:
                 state.train_examples[s.site] = int(s.metrics.get("num-examples", 0))
+                if s.facts.get("manifest-sha256"):
+                    state.manifests[s.site] = s.facts["manifest-sha256"]
+                if s.facts.get("input-stats"):
+                    state.inputs[s.site] = _json_or_empty(s.facts["input-stats"])
             losses = [s.metrics["train-loss"] for s in sites if "train-loss" in s.metrics]
             if losses:
                 metrics["train/loss_mean"] = sum(losses) / len(losses)
@@ -72,6 +79,32 @@ def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
         run.log_metrics(metrics, step=server_round)
 
     return report
+
+
+def _json_or_empty(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def input_reference(inputs: dict[str, dict]) -> dict[str, object]:
+    """The training reference for drift: slice-weighted intensity percentiles, vendor totals."""
+    weights = {site: float(v.get("slices", 0)) for site, v in inputs.items()}
+    total = sum(weights.values())
+    reference: dict[str, object] = {"sites": len(inputs), "slices": int(total)}
+    if total > 0:
+        for key in ("intensity_p01", "intensity_p50", "intensity_p99"):
+            values = [(inputs[s][key], w) for s, w in weights.items() if key in inputs[s]]
+            if values:
+                reference[key] = round(sum(v * w for v, w in values) / sum(w for _, w in values), 3)
+    vendors: dict[str, int] = {}
+    for v in inputs.values():
+        for name, count in (v.get("vendors") or {}).items():
+            vendors[name] = vendors.get(name, 0) + int(count)
+    reference["vendors"] = dict(sorted(vendors.items()))
+    return reference
 
 
 def run_federation(
@@ -125,6 +158,11 @@ def run_federation(
             "preprocessing": spec.to_json(),
             "eval_sites": compact_json({s.site: round(s.metrics.get("dice", 0.0), 6)
                                         for s in state.last_sites}),
+            "dp": compact_json({"enabled": False}),
+            "secure_aggregation": "off",
+            "site_manifests": compact_json(state.manifests),
+            "site_inputs": compact_json(state.inputs),
+            "input_reference": compact_json(input_reference(state.inputs)),
         }
         published = publish_model(
             store, run, config.model_name, final_state, spec, state.last_evaluation, lineage

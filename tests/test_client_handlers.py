@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,18 @@ def test_train_replies_update_samples_and_metrics_only(synthetic_sites: list[Pat
     assert metrics["num-examples"] == data.num_train > 0
     assert metrics["train-steps"] == -(-data.num_train // 8)
     assert np.isfinite(metrics["train-loss"])
-    assert dict(content["site"]) == {"site-name": "h1"}
+    facts = dict(content["site"])
+    assert set(facts) == {"site-name", "manifest-sha256", "input-stats"} and facts["site-name"] == "h1"
+    assert len(facts["manifest-sha256"]) == 64
+    stats = json.loads(facts["input-stats"])
+    assert stats["series"] == data.train_patients + data.test_patients
+    assert set(stats["vendors"]) == set(data.vendors)
+    # aggregate facts only: no series UID, study UID or patient id of the site's data
+    from imaging.site_folder import load_case, scan_site
+
+    volume, _ = load_case(scan_site(site).cases[0])
+    for identifier in (volume.series_uid, volume.study_uid, volume.patient_id, volume.sop_instance_uids[0]):
+        assert identifier not in facts["input-stats"] and identifier not in facts["manifest-sha256"]
     updated = content["arrays"].to_torch_state_dict()
     assert updated.keys() == initial.keys()
     assert any(not torch.equal(updated[k], initial[k]) for k in initial)

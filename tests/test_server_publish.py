@@ -46,11 +46,19 @@ def test_federation_publishes_lineage_and_champion(synthetic_sites: list[Path], 
     sites = json.loads(tags["sites"])
     assert sites == outcome.sites and all(n > 0 for n in sites.values())
     assert tags["code_version"]
+    assert json.loads(tags["dp"]) == {"enabled": False} and tags["secure_aggregation"] == "off"
+    assert set(json.loads(tags["site_manifests"])) == {"site-a", "site-b"}
+    reference = json.loads(tags["input_reference"])
+    inputs = json.loads(tags["site_inputs"])
+    assert reference["slices"] == sum(v["slices"] for v in inputs.values())
+    assert reference["intensity_p01"] <= reference["intensity_p50"] <= reference["intensity_p99"]
 
     # per-round, per-site metrics went to MLflow tracking
     client = store.client()
     history = client.get_metric_history(outcome.run_id, "site/site-a/evaluate/dice")
     assert [m.step for m in history] == [1, 2]
+    norms = client.get_metric_history(outcome.run_id, "site/site-b/train/update-norm")
+    assert [m.step for m in norms] == [1, 2] and all(m.value > 0 for m in norms)
     assert client.get_run(outcome.run_id).data.params["strategy"] == "fedavg"
 
     # the registered weights load back and match the spec
