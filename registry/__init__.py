@@ -1,29 +1,73 @@
-"""The MLflow adapter: tracking, publish, load, list."""
+"""The MLflow adapter: tracking, publish, sign, promote through gates, load, list, dossiers."""
 
-from .errors import ModelArtifactError, ModelNotFoundError, ModelUriError, RegistryError
+from .comments import Comment, add_comment, list_comments
+from .describe import describe_version
+from .dossier import log_dossier, write_dossier
+from .errors import (
+    CommentError,
+    DossierError,
+    GateError,
+    ModelArtifactError,
+    ModelNotFoundError,
+    ModelSignatureError,
+    ModelUriError,
+    PromotionRefusedError,
+    RegistryError,
+    SigningKeyError,
+)
+from .gates import GateConfig, GateResult, VersionFacts, default_gates, evaluate_gates
+from .history import HISTORY_TAG, read_history
 from .listing import list_versions
 from .load import LoadedModel, load_model, resolve_version
-from .publish import CHAMPION, PublishedVersion, promote_if_better, publish_model
+from .promotion import PromotionResult, auto_promote, promote, rollback
+from .publish import CHAMPION, PublishedVersion, publish_model
+from .signing import generate_keypair, model_digest, sign_model_dir, verify_model_dir
 from .store import RegistryStore, default_store
 from .tracking import TrackingRun
 from .uri import ModelRef, parse_model_uri
 
 __all__ = [
-    "RegistryError",
-    "ModelUriError",
-    "ModelNotFoundError",
-    "ModelArtifactError",
-    "list_versions",
-    "LoadedModel",
-    "load_model",
-    "resolve_version",
     "CHAMPION",
-    "PublishedVersion",
-    "promote_if_better",
-    "publish_model",
-    "RegistryStore",
-    "default_store",
-    "TrackingRun",
+    "HISTORY_TAG",
+    "Comment",
+    "CommentError",
+    "DossierError",
+    "GateConfig",
+    "GateError",
+    "GateResult",
+    "LoadedModel",
+    "ModelArtifactError",
+    "ModelNotFoundError",
     "ModelRef",
+    "ModelSignatureError",
+    "ModelUriError",
+    "PromotionRefusedError",
+    "PromotionResult",
+    "PublishedVersion",
+    "RegistryError",
+    "RegistryStore",
+    "SigningKeyError",
+    "TrackingRun",
+    "VersionFacts",
+    "add_comment",
+    "auto_promote",
+    "default_gates",
+    "default_store",
+    "describe_version",
+    "evaluate_gates",
+    "generate_keypair",
+    "list_comments",
+    "list_versions",
+    "load_model",
+    "log_dossier",
+    "model_digest",
     "parse_model_uri",
+    "promote",
+    "publish_model",
+    "read_history",
+    "resolve_version",
+    "rollback",
+    "sign_model_dir",
+    "verify_model_dir",
+    "write_dossier",
 ]

@@ -14,7 +14,10 @@ __all__ = ["registry"]
 
 @click.group("registry")
 def registry() -> None:
-    """Inspect the MLflow Model Registry (embedded store under $FEDSEG_HOME by default)."""
+    """The MLflow Model Registry: versions, lineage, promotion gates, dossiers, signing keys.
+
+    Embedded store under $FEDSEG_HOME by default; FEDSEG_MLFLOW_TRACKING_URI for a server.
+    """
 
 
 @registry.command("list")
@@ -37,3 +40,16 @@ def list_command(name: str | None, fmt: str) -> None:
             f"{m.get('dice_pooled', float('nan')):11.4f} {m.get('dice_min', float('nan')):9.4f}  "
             f"{r['tags'].get('rounds', '-')}"
         )
+
+
+def _register_commands() -> None:
+    from .cli_dossier import comment_command, dossier_command
+    from .cli_governance import promote_command, rollback_command, show_command
+    from .cli_keys import keygen
+
+    for command in (show_command, promote_command, rollback_command, dossier_command,
+                    comment_command, keygen):
+        registry.add_command(command)
+
+
+_register_commands()

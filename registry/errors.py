@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-__all__ = ["RegistryError", "ModelUriError", "ModelNotFoundError", "ModelArtifactError"]
+__all__ = [
+    "RegistryError",
+    "ModelUriError",
+    "ModelNotFoundError",
+    "ModelArtifactError",
+    "GateError",
+    "PromotionRefusedError",
+    "DossierError",
+    "CommentError",
+    "ModelSignatureError",
+    "SigningKeyError",
+]
 
 
 class RegistryError(Exception):
@@ -19,3 +30,31 @@ class ModelNotFoundError(RegistryError, LookupError):
 
 class ModelArtifactError(RegistryError):
     """A registered version lacks its weights or spec, or they do not load."""
+
+
+class GateError(RegistryError, ValueError):
+    """A promotion gate is malformed (wrong type, out of range, unreadable gates file)."""
+
+
+class PromotionRefusedError(RegistryError):
+    """A promotion or rollback is refused (gates fail, already champion, nothing to roll back)."""
+
+
+class DossierError(RegistryError):
+    """A governance dossier cannot be built or logged for a version."""
+
+
+class CommentError(RegistryError, ValueError):
+    """A data scientist's comment is refused (empty or too long)."""
+
+
+class ModelSignatureError(RegistryError):
+    """A model's signature is missing, does not verify, or is by a key that is not trusted.
+
+    The message says why: ``unsigned``, ``altered``, ``signature does not verify``,
+    ``signed by untrusted key``, or ``no trusted keys configured``.
+    """
+
+
+class SigningKeyError(RegistryError):
+    """The consortium signing key cannot be read, created or decrypted."""

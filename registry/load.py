@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow.artifacts
 import torch
@@ -13,13 +17,16 @@ from mlflow.exceptions import MlflowException
 from imaging.errors import ConfigError
 from imaging.spec import ModelSpec
 
-from .errors import ModelArtifactError, ModelNotFoundError
-from .publish import METRIC_PREFIX
 from .artifacts import SPEC_FILE, STATE_FILE
+from .errors import ModelArtifactError, ModelNotFoundError, ModelSignatureError
+from .publish import METRIC_PREFIX
+from .signing import Signature, TrustedKeys, verify_model_dir
 from .store import RegistryStore
 from .uri import parse_model_uri
 
 __all__ = ["LoadedModel", "load_model", "resolve_version"]
+
+MLMODEL_FILE = "MLmodel"
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class LoadedModel:
     state_dict: dict[str, torch.Tensor]
     tags: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    signature: Signature | None = None  # None only when loaded with verify=False
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -50,9 +58,35 @@ def resolve_version(store: RegistryStore, uri: str):  # -> mlflow ModelVersion
         raise ModelNotFoundError(f"{ref} is not in the registry at {store.tracking_uri}") from exc
 
 
-def load_model(store: RegistryStore, uri: str) -> LoadedModel:
-    """Download and validate the version's ``state_dict.pt`` and ``spec.json``."""
+def load_model(
+    store: RegistryStore,
+    uri: str,
+    *,
+    verify: bool = True,
+    trusted_keys: TrustedKeys | Iterable[Any] | None = None,
+) -> LoadedModel:
+    """Download the version, verify its signature, and read ``state_dict.pt`` and ``spec.json``.
+
+    Parameters
+    ----------
+    store : RegistryStore
+    uri : str
+        ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
+    verify : bool
+        Refuse a model directory that is not, byte for byte, what a trusted key signed (default).
+        The weights and spec are then read from the very bytes whose digests were verified.
+    trusted_keys : optional
+        Public keys (or paths) to trust; default ``FEDSEG_TRUSTED_KEYS`` or
+        ``$FEDSEG_HOME/keys/trusted/``.
+
+    Raises
+    ------
+    ModelSignatureError
+        The signature is missing, does not verify, or is by an untrusted key (the message says which).
+    """
     version = resolve_version(store, uri)
+    label = f"{uri} ({version.name} version {version.version})"
+    signature: Signature | None = None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(
@@ -62,15 +96,34 @@ def load_model(store: RegistryStore, uri: str) -> LoadedModel:
             )
         except (MlflowException, OSError) as exc:
             raise ModelArtifactError(f"cannot fetch artifacts of {uri}: {exc}") from exc
-        state_path = next(local.rglob(STATE_FILE), None)
-        spec_path = next(local.rglob(SPEC_FILE), None)
+        mlmodel = next(iter(sorted(local.rglob(MLMODEL_FILE))), None)
+        model_dir = mlmodel.parent if mlmodel is not None else local
+        if verify:
+            if mlmodel is None:
+                raise ModelSignatureError(f"refusing {label}: no {MLMODEL_FILE}, not a model directory")
+            try:
+                signature = verify_model_dir(model_dir, trusted_keys)
+            except ModelSignatureError as exc:
+                raise ModelSignatureError(f"refusing {label}: {exc}") from exc
+        state_path = next(iter(sorted(model_dir.rglob(STATE_FILE))), None)
+        spec_path = next(iter(sorted(model_dir.rglob(SPEC_FILE))), None)
         if state_path is None or spec_path is None:
             raise ModelArtifactError(f"{uri} lacks {STATE_FILE} or {SPEC_FILE}")
         try:
-            spec = ModelSpec.from_json(spec_path.read_text())
-            state = torch.load(state_path, weights_only=True, map_location="cpu")
-        except (ConfigError, RuntimeError, OSError) as exc:
+            state_bytes = state_path.read_bytes()
+            spec_bytes = spec_path.read_bytes()
+        except OSError as exc:
             raise ModelArtifactError(f"{uri} has unreadable weights or spec: {exc}") from exc
+    if signature is not None:  # the bytes parsed below are the bytes that were verified
+        for path, data in ((state_path, state_bytes), (spec_path, spec_bytes)):
+            rel = path.relative_to(model_dir).as_posix()
+            if signature.files.get(rel) != hashlib.sha256(data).hexdigest():
+                raise ModelSignatureError(f"refusing {label}: altered: {rel} changed after verification")
+    try:
+        spec = ModelSpec.from_json(spec_bytes.decode("utf-8"))
+        state = torch.load(io.BytesIO(state_bytes), weights_only=True, map_location="cpu")
+    except (ConfigError, RuntimeError, OSError, UnicodeDecodeError) as exc:
+        raise ModelArtifactError(f"{uri} has unreadable weights or spec: {exc}") from exc
     return LoadedModel(
         name=version.name,
         version=int(version.version),
@@ -78,4 +131,5 @@ def load_model(store: RegistryStore, uri: str) -> LoadedModel:
         state_dict=state,
         tags=dict(version.tags),
         aliases=tuple(getattr(version, "aliases", ()) or ()),
+        signature=signature,
     )

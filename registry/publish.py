@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -21,10 +22,15 @@ from mlflow.types import Schema, TensorSpec
 from imaging.spec import ModelSpec
 
 from .artifacts import PYFUNC_SCRIPT, SPEC_FILE, STATE_FILE
+from .dossier import log_dossier
+from .errors import DossierError
+from .signing import load_signing_key, sign_model_dir
 from .store import RegistryStore
 from .tracking import TrackingRun
 
-__all__ = ["PublishedVersion", "publish_model", "promote_if_better", "CHAMPION", "METRIC_PREFIX"]
+__all__ = ["PublishedVersion", "publish_model", "CHAMPION", "METRIC_PREFIX"]
+
+log = logging.getLogger("fedseg.registry")
 
 CHAMPION = "champion"
 METRIC_PREFIX = "metric."
@@ -63,7 +69,14 @@ def publish_model(
     metrics: Mapping[str, float],
     lineage: Mapping[str, str],
 ) -> PublishedVersion:
-    """Log the model under the run, register a new version, and promote it if it is better."""
+    """Log the model under the run, register a new version, and promote it if it is better.
+
+    The version is signed, promoted to ``champion`` only through the gates
+    (``$FEDSEG_GATES_FILE`` or the defaults), and its governance dossier is logged.
+    """
+    from .promotion import auto_promote, default_gates  # here: promotion imports this module
+
+    gates = default_gates()  # a malformed gates file fails before anything is registered
     client = store.client()
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
@@ -79,6 +92,8 @@ def publish_model(
                 signature=_signature(spec),
                 pip_requirements=["fedseg", "torch", "monai"],
             )
+        # signed before upload: signature.json travels with the files it covers
+        signature = sign_model_dir(model_dir, load_signing_key())
         client.log_artifacts(run.run_id, str(model_dir), "model")
     try:
         client.get_registered_model(name)
@@ -86,34 +101,16 @@ def publish_model(
         client.create_registered_model(name, description="fedseg federated U-Net")
     tags = {**lineage, "weights_sha256": state_digest(state)}
     tags.update({f"{METRIC_PREFIX}{k}": f"{float(v):.6g}" for k, v in metrics.items()})
+    tags.update(signature.tags())  # signature.key_fingerprint, signature.digest
     version = client.create_model_version(
         name, source=f"{run.artifact_uri}/model", run_id=run.run_id, tags=tags
     )
-    promoted, reason = promote_if_better(store, name, int(version.version), metrics)
-    return PublishedVersion(name, int(version.version), promoted, reason)
-
-
-def promote_if_better(
-    store: RegistryStore, name: str, version: int, metrics: Mapping[str, float]
-) -> tuple[bool, str]:
-    """Alias ``champion`` to ``version`` when none exists or when it beats the champion."""
-    client = store.client()
-    new_score = metrics.get(DECISION_METRIC)
+    promoted, reason = auto_promote(store, name, int(version.version), gates)
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-        return True, "no champion yet"
-    old_raw = current.tags.get(f"{METRIC_PREFIX}{DECISION_METRIC}")
-    if new_score is None:
-        return False, f"version {version} has no {DECISION_METRIC}; champion stays {current.version}"
-    if old_raw is None or float(new_score) > float(old_raw):
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-        return True, f"{DECISION_METRIC} {float(new_score):.4f} beats champion v{current.version} ({old_raw})"
-    return False, (
-        f"{DECISION_METRIC} {float(new_score):.4f} does not beat champion "
-        f"v{current.version} ({float(old_raw):.4f})"
-    )
+        log_dossier(store, name, int(version.version))
+    except DossierError as exc:  # the model stands without it; regenerate with `registry dossier`
+        log.warning("dossier of %s v%s not logged: %s", name, version.version, exc)
+    return PublishedVersion(name, int(version.version), promoted, reason)
 
 
 def lineage_json(value: object) -> str:

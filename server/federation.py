@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 
 from aggregation import SiteMetrics, SiteReportingStrategy, build_strategy, summarize_evaluation
 from imaging.model import build_unet
-from registry import PublishedVersion, RegistryStore, TrackingRun, publish_model
+from registry import PublishedVersion, RegistryStore, TrackingRun, default_gates, publish_model
 
 from .config import FederationConfig
 from .errors import FederationError
@@ -117,6 +117,7 @@ def run_federation(
 ) -> FederationOutcome:
     """Run ``config.num_rounds`` rounds, log them to MLflow, publish the final global model."""
     spec = config.instructions.spec
+    default_gates()  # a malformed $FEDSEG_GATES_FILE stops the run before any round, not after
     torch.manual_seed(config.instructions.seed)
     initial = ArrayRecord(build_unet(spec).state_dict())
     run = TrackingRun.start(

@@ -1,0 +1,122 @@
+"""`fedseg registry promote | rollback | show`: governed moves of ``champion`` and lineage.
+
+These are plain :class:`click.Command` objects; ``registry/cli.py`` adds them to its group::
+
+    registry.add_command(promote_command)
+    registry.add_command(rollback_command)
+    registry.add_command(show_command)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import click
+
+from .describe import describe_version
+from .errors import PromotionRefusedError, RegistryError
+from .gates import GateConfig, GateResult, default_gates
+from .promotion import PromotionResult, promote, rollback
+from .store import default_store
+
+__all__ = ["promote_command", "rollback_command", "show_command"]
+
+
+def _echo_gates(results: Iterable[GateResult], forced: bool = False) -> None:
+    for r in results:
+        verdict = "PASS" if r.passed else ("FAIL (forced)" if forced else "FAIL")
+        click.echo(f"  {r.name:16} {verdict:13} {r.detail}")
+
+
+def _outcome(result: PromotionResult) -> str:
+    before = f"v{result.previous}" if result.previous is not None else "none"
+    verb = "rolled back" if result.action == "rollback" else "promoted"
+    forced = " (forced)" if result.forced else ""
+    return (
+        f"{verb}{forced}: {result.name} champion is now v{result.version} (was {before}), "
+        f"by {result.entry.get('actor')}"
+    )
+
+
+@click.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--gates", "gates_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML gates file (default: $FEDSEG_GATES_FILE, else built-in defaults).")
+@click.option("--force", is_flag=True, help="Promote even when gates fail (needs --reason).")
+@click.option("--reason", default=None, help="Why; required with --force, recorded in the history.")
+@click.option("--actor", default=None, help="Who is promoting (default: your login name).")
+def promote_command(
+    name: str, version: int, gates_file: str | None, force: bool, reason: str | None, actor: str | None
+) -> None:
+    """Make VERSION of NAME the champion if it passes the promotion gates."""
+    try:
+        gates = GateConfig.from_toml(gates_file) if gates_file else default_gates()
+        result = promote(
+            default_store(), name, version, gates=gates, force=force, reason=reason, actor=actor
+        )
+    except PromotionRefusedError as exc:
+        failed = getattr(exc, "failed", ())  # set when gates failed
+        if failed:
+            click.echo(f"gates for {name} v{version}:")
+            _echo_gates(failed)
+        raise click.ClickException(str(exc)) from None
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"gates for {name} v{version}:")
+    _echo_gates(result.gates, forced=result.forced)
+    click.echo(_outcome(result))
+
+
+@click.command("rollback")
+@click.argument("name")
+@click.option("--reason", default=None, help="Why, recorded in the history.")
+@click.option("--actor", default=None, help="Who is rolling back (default: your login name).")
+def rollback_command(name: str, reason: str | None, actor: str | None) -> None:
+    """Return NAME's champion alias to the previous champion in its history."""
+    try:
+        result = rollback(default_store(), name, actor=actor, reason=reason)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(_outcome(result))
+
+
+@click.command("show")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def show_command(name: str, version: int, fmt: str) -> None:
+    """Show VERSION of NAME: aliases, metrics, lineage and the champion history."""
+    try:
+        info = describe_version(default_store(), name, version)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    if fmt == "json":
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    aliases = ", ".join(info["aliases"]) or "-"
+    click.echo(f"{info['name']} v{info['version']}  aliases: {aliases}")
+    click.echo(f"run_id: {info['run_id'] or '-'}")
+    click.echo("metrics:")
+    for key, value in info["metrics"].items():
+        click.echo(f"  {key:24} {value:.4f}" if isinstance(value, float) else f"  {key:24} {value}")
+    click.echo("lineage:")
+    for key, value in info["lineage"].items():
+        click.echo(f"  {key:24} {_inline(value)}")
+    click.echo("champion history:")
+    if not info["champion_history"]:
+        click.echo("  (none)")
+    for e in info["champion_history"]:
+        before = f"v{e['previous']}" if e.get("previous") is not None else "none"
+        forced = " FORCED" if e.get("forced") else ""
+        why = f": {e['reason']}" if e.get("reason") else ""
+        click.echo(f"  {e.get('time')}  {e.get('action')}{forced} v{e.get('version')} (was {before}) "
+                   f"by {e.get('actor')}{why}")
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(", ", ": "))

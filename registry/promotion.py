@@ -1,0 +1,271 @@
+"""Moving the ``champion`` alias: gated promotion, forced promotion, rollback, publish-time promotion.
+
+Every move is recorded in the champion history (:mod:`registry.history`) and on the promoted
+version's tags (``promoted_at``, ``promoted_by``, and ``forced_reason`` when forced).
+"""
+
+from __future__ import annotations
+
+import getpass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from .errors import ModelNotFoundError, PromotionRefusedError
+from .gates import GateConfig, GateResult, VersionFacts, default_gates, evaluate_gates
+from .history import append_history, champion_chain, read_history
+from .publish import CHAMPION, DECISION_METRIC
+from .store import RegistryStore
+
+__all__ = ["PromotionResult", "promote", "rollback", "auto_promote", "default_gates"]
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """What a promotion or rollback did.
+
+    Attributes
+    ----------
+    name : str
+        Registered model.
+    version : int
+        The champion now.
+    previous : int or None
+        The champion before (None when there was none).
+    action : str
+        ``"promote"``, ``"auto"`` or ``"rollback"``.
+    forced : bool
+        Whether ``force`` was given.
+    gates : tuple[GateResult, ...]
+        The gate verdicts (empty for a rollback).
+    entry : dict
+        The history entry that was appended.
+    """
+
+    name: str
+    version: int
+    previous: int | None
+    action: str
+    forced: bool
+    gates: tuple[GateResult, ...] = ()
+    entry: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed_gates(self) -> tuple[GateResult, ...]:
+        return tuple(g for g in self.gates if not g.passed)
+
+
+def promote(
+    store: RegistryStore,
+    name: str,
+    version: int,
+    *,
+    gates: GateConfig,
+    force: bool = False,
+    reason: str | None = None,
+    actor: str | None = None,
+) -> PromotionResult:
+    """Make ``version`` the champion of ``name`` if it passes ``gates`` (or ``force`` is given).
+
+    Parameters
+    ----------
+    store : RegistryStore
+        Where the registry lives.
+    name : str
+        Registered model.
+    version : int
+        Candidate version.
+    gates : GateConfig
+        Thresholds, evaluated against the current champion.
+    force : bool
+        Promote even when gates fail; requires ``reason``.
+    reason : str, optional
+        Why; required with ``force``, recorded in the history either way.
+    actor : str, optional
+        Who; defaults to the login name (:func:`getpass.getuser`).
+
+    Returns
+    -------
+    PromotionResult
+
+    Raises
+    ------
+    PromotionRefusedError
+        A gate failed (the message names every failed gate and its detail; the error's
+        ``failed`` attribute holds the failed :class:`GateResult` objects), ``force`` without a
+        reason, or ``version`` is already the champion.
+    ModelNotFoundError
+        No such model or version.
+    """
+    if force and not (reason and reason.strip()):
+        raise PromotionRefusedError(
+            f"refusing to force {name} v{version} to {CHAMPION} without a reason: give --reason"
+        )
+    client = store.client()
+    current = _champion(store, name)  # first: an unknown model is named as such
+    candidate = _facts(store, name, version)
+    if current is not None and current.version == candidate.version:
+        raise PromotionRefusedError(f"{name} v{version} is already the {CHAMPION}")
+    results = evaluate_gates(candidate, current, gates)
+    failed = [r for r in results if not r.passed]
+    if failed and not force:
+        listed = "; ".join(f"{r.name}: {r.detail}" for r in failed)
+        refusal = PromotionRefusedError(
+            f"refused to promote {name} v{version} to {CHAMPION}: "
+            f"failed gate(s) {', '.join(r.name for r in failed)} ({listed})"
+        )
+        refusal.failed = tuple(failed)  # type: ignore[attr-defined]
+        raise refusal
+    entry = _move_alias(
+        store, name, candidate.version, current, "promote", actor, reason, force, results, gates
+    )
+    if force:
+        client.set_model_version_tag(name, str(candidate.version), "forced_reason", reason.strip())  # type: ignore[union-attr]
+    return PromotionResult(
+        name, candidate.version, entry["previous"], "promote", force, tuple(results), entry
+    )
+
+
+def rollback(
+    store: RegistryStore, name: str, *, actor: str | None = None, reason: str | None = None
+) -> PromotionResult:
+    """Return ``champion`` to the champion before the current one, as the history records it.
+
+    Repeated rollbacks walk further back. No gates are evaluated: a rollback restores a model
+    that was champion before.
+
+    Raises
+    ------
+    PromotionRefusedError
+        No champion, no history, no earlier champion, the alias was moved outside fedseg (the
+        history does not end at the current champion), or the earlier version no longer exists.
+    ModelNotFoundError
+        No such model.
+    """
+    entries = read_history(store, name)
+    current = _champion(store, name)
+    if current is None:
+        raise PromotionRefusedError(f"{name} has no {CHAMPION}; nothing to roll back")
+    if not entries:
+        raise PromotionRefusedError(
+            f"{name} has no champion history; nothing to roll back to (champion is v{current.version})"
+        )
+    chain = champion_chain(entries)
+    if chain[-1] != current.version:
+        raise PromotionRefusedError(
+            f"{name}'s {CHAMPION} is v{current.version} but its history ends at v{chain[-1]} "
+            "(the alias was moved outside fedseg); promote explicitly instead"
+        )
+    if len(chain) < 2:
+        raise PromotionRefusedError(
+            f"{name} has no earlier champion to roll back to (champion is v{current.version})"
+        )
+    target = chain[-2]
+    _facts(store, name, target)  # refuse clearly when the earlier version was deleted
+    entry = _move_alias(store, name, target, current, "rollback", actor, reason, False, [], None)
+    who, when = entry["actor"], entry["time"]
+    client = store.client()
+    client.set_model_version_tag(name, str(current.version), "rolled_back_at", when)
+    client.set_model_version_tag(name, str(current.version), "rolled_back_by", who)
+    return PromotionResult(name, target, current.version, "rollback", False, (), entry)
+
+
+def auto_promote(
+    store: RegistryStore, name: str, version: int, gates: GateConfig
+) -> tuple[bool, str]:
+    """Publish-time promotion: gates pass and (no champion, or ``dice_pooled`` beats it).
+
+    Never raises for a failed gate; the champion then stays and the reason says why.
+
+    Returns
+    -------
+    tuple[bool, str]
+        Whether ``version`` became the champion, and why (or why not).
+    """
+    current = _champion(store, name)
+    candidate = _facts(store, name, version)
+    results = evaluate_gates(candidate, current, gates)
+    failed = [r for r in results if not r.passed]
+    stays = f"champion stays v{current.version}" if current is not None else "no champion set"
+    if failed:
+        listed = "; ".join(f"{r.name}: {r.detail}" for r in failed)
+        return False, f"failed gate(s) {', '.join(r.name for r in failed)} ({listed}); {stays}"
+    new = candidate.dice_pooled
+    if current is None:
+        why = "no champion yet"
+    elif new is None:
+        return False, f"version {version} has no {DECISION_METRIC}; {stays}"
+    elif current.dice_pooled is None or new > current.dice_pooled:
+        old = "none" if current.dice_pooled is None else f"{current.dice_pooled:.4f}"
+        why = f"{DECISION_METRIC} {new:.4f} beats champion v{current.version} ({old})"
+    else:
+        return False, (
+            f"{DECISION_METRIC} {new:.4f} does not beat champion "
+            f"v{current.version} ({current.dice_pooled:.4f})"
+        )
+    _move_alias(store, name, candidate.version, current, "auto", None, why, False, results, gates)
+    return True, why
+
+
+def _move_alias(
+    store: RegistryStore,
+    name: str,
+    version: int,
+    current: VersionFacts | None,
+    action: str,
+    actor: str | None,
+    reason: str | None,
+    forced: bool,
+    results: list[GateResult],
+    gates: GateConfig | None,
+) -> dict[str, Any]:
+    client = store.client()
+    who = actor or _login()
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    entry: dict[str, Any] = {
+        "action": action,
+        "version": version,
+        "previous": None if current is None else current.version,
+        "time": when,
+        "actor": who,
+        "reason": reason,
+        "forced": forced,
+        "gates": [r.to_dict() for r in results],
+    }
+    if gates is not None:
+        entry["gate_config"] = gates.to_dict()
+    append_history(store, name, entry)
+    if action != "rollback":
+        client.set_model_version_tag(name, str(version), "promoted_at", when)
+        client.set_model_version_tag(name, str(version), "promoted_by", who)
+    return entry
+
+
+def _facts(store: RegistryStore, name: str, version: int) -> VersionFacts:
+    try:
+        mv = store.client().get_model_version(name, str(int(version)))
+    except MlflowException as exc:
+        raise ModelNotFoundError(f"models:/{name}/{version} is not in the registry at {store.tracking_uri}") from exc
+    return VersionFacts.from_tags(int(mv.version), dict(mv.tags))
+
+
+def _champion(store: RegistryStore, name: str) -> VersionFacts | None:
+    client = store.client()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        raise ModelNotFoundError(f"no registered model {name!r} at {store.tracking_uri}") from exc
+    version = (model.aliases or {}).get(CHAMPION)
+    if version is None:
+        return None
+    return _facts(store, name, int(version))
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name (e.g. a container without a passwd entry)
+        return "unknown"

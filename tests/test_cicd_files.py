@@ -1,0 +1,893 @@
+"""CI pipelines, Dockerfiles, the compose stack and the k8s manifests, checked against reality.
+
+Nothing here builds an image or starts a container (no Docker engine needed). Instead every file
+is parsed, the CI files are validated against their published schemas (check-jsonschema's
+vendored copies, offline), and every command and flag they use is checked against the ``--help``
+of the console script installed next to ``sys.executable``: an invented or misspelt flag fails.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DOCKER = ROOT / "docker"
+K8S = ROOT / "deploy" / "k8s"
+GITHUB_CI = ROOT / ".github" / "workflows" / "ci.yml"
+GITLAB_CI = ROOT / ".gitlab-ci.yml"
+COMPOSE = DOCKER / "compose.yaml"
+GATES = ROOT / "ci" / "gates.toml"
+
+IMAGES = {"superlink", "supernode", "serverapp", "serve", "mlflow"}
+# The only executables an image may start (console scripts of this venv).
+KNOWN_COMMANDS = {"fedseg", "flower-superlink", "flower-supernode", "flower-superexec", "mlflow"}
+# Commands with sub-commands: how many leading words name the command.
+SUBCOMMAND_DEPTH = {"fedseg": 2, "mlflow": 1}
+# fedseg sub-commands that images may run: they must exist now.
+IMAGE_FEDSEG_SUBCOMMANDS = {"serve"}
+# fedseg sub-commands the CI may call besides those `fedseg --help` lists.
+CI_FEDSEG_SUBCOMMANDS = {"simulate", "registry", "serve"}
+# Sub-sub-commands being written now (issue #7): referenced by CI before they exist.
+PENDING_FEDSEG_COMMANDS = {("registry", "promote")}
+SECRET_NAME = re.compile(
+    r"PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY|(^|_)KEY$", re.I
+)
+INTERPOLATED = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:?[-?][^}]*)?\}$")
+GATE_KEYS = {
+    "min_worst_site_dice": float,
+    "max_mean_dice_drop": float,
+    "max_epsilon": float,
+    "require_manifests": bool,
+}
+
+
+# ----------------------------------------------------------------------------- real CLIs
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        NO_COLOR="1",
+        COLUMNS="200",
+        TERM="dumb",
+    )
+    return env
+
+
+@functools.lru_cache(maxsize=None)
+def cli_help(*words: str) -> tuple[int, str]:
+    """``<venv>/bin/WORDS[0] WORDS[1:] --help``: exit code and output."""
+    exe = BIN / words[0]
+    if not exe.exists():
+        return 127, f"{exe} does not exist"
+    proc = subprocess.run(
+        [str(exe), *words[1:], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_cli_env(),
+        cwd=ROOT,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_help_cache() -> None:
+    """Ask every CLI for its help once, in parallel (each costs 1-5 s of imports)."""
+    calls = [
+        ("fedseg",),
+        ("fedseg", "serve"),
+        ("fedseg", "simulate"),
+        ("fedseg", "simulate", "sites"),
+        ("fedseg", "simulate", "run"),
+        ("fedseg", "registry"),
+        ("fedseg", "registry", "list"),
+        ("flower-superlink",),
+        ("flower-supernode",),
+        ("flower-superexec",),
+        ("mlflow", "server"),
+    ]
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        list(pool.map(lambda words: cli_help(*words), calls))
+
+
+_OPTION_LINE = re.compile(r"^\s{1,6}(?:-\w,\s+)?(--[\w-]+)(.*)$")
+_ALT_FLAG = re.compile(r"^\s*/\s*(--[\w-]+)")
+_CHOICES = re.compile(r"^[ =]?(?:\{([^}]+)\}|\[([^\]]+)\])")
+
+
+def help_options(words: tuple[str, ...]) -> dict[str, set[str] | None]:
+    """The options a command defines (from its help's option lines), with their choices."""
+    rc, text = cli_help(*words)
+    assert rc == 0, f"`{' '.join(words)} --help` exited {rc}:\n{text[-2000:]}"
+    options: dict[str, set[str] | None] = {}
+    for line in text.splitlines():
+        line = line.replace("│", " ")
+        m = _OPTION_LINE.match(line)
+        if not m:
+            continue
+        flag, rest = m.group(1), m.group(2)
+        choices = None
+        metavar = rest.strip().split(" ")[0] if rest.strip() else ""
+        c = _CHOICES.match(" " + metavar) if metavar else None
+        if c:
+            raw = c.group(1) or c.group(2)
+            sep = "," if c.group(1) else "|"
+            choices = {v.strip() for v in raw.split(sep)}
+        options[flag] = choices
+        alt = _ALT_FLAG.match(rest)
+        if alt:
+            options[alt.group(1)] = None
+    assert "--help" in options, f"could not read the options of `{' '.join(words)} --help`"
+    return options
+
+
+def fedseg_subcommands(*group: str) -> set[str]:
+    """Sub-commands listed by ``fedseg [GROUP] --help`` (click's Commands: section)."""
+    rc, text = cli_help("fedseg", *group)
+    assert rc == 0, text
+    section = text.split("Commands:", 1)[1] if "Commands:" in text else ""
+    return {m.group(1) for m in re.finditer(r"^\s{2}([a-z][\w-]*)\s", section, re.M)}
+
+
+def check_invocation(argv: list[str], where: str, *, image: bool) -> None:
+    """ARGV must start a real console script and use only flags (and choices) it defines."""
+    assert argv, f"{where}: empty command"
+    exe = Path(argv[0]).name
+    assert exe in KNOWN_COMMANDS, f"{where}: {argv[0]!r} is not one of {sorted(KNOWN_COMMANDS)}"
+    assert (BIN / exe).exists(), f"{where}: {exe} is not installed in {BIN}"
+    words = [exe]
+    rest = list(argv[1:])
+    for _ in range(SUBCOMMAND_DEPTH.get(exe, 0)):
+        if not rest or rest[0].startswith("-"):
+            break
+        words.append(rest.pop(0))
+    if exe == "fedseg":
+        assert len(words) > 1, f"{where}: `fedseg` without a sub-command"
+        if image:
+            assert words[1] in IMAGE_FEDSEG_SUBCOMMANDS, (
+                f"{where}: images may only run `fedseg {sorted(IMAGE_FEDSEG_SUBCOMMANDS)}`, "
+                f"not `fedseg {words[1]}`"
+            )
+        if len(words) == 3 and words[2] not in fedseg_subcommands(words[1]):
+            # `fedseg serve` has no sub-commands: the word was a positional argument.
+            if cli_help("fedseg", words[1])[0] == 0 and "Commands:" not in cli_help(
+                "fedseg", words[1]
+            )[1]:
+                rest.insert(0, words.pop())
+            else:
+                assert (words[1], words[2]) in PENDING_FEDSEG_COMMANDS and not image, (
+                    f"{where}: `fedseg {words[1]} {words[2]}` does not exist"
+                )
+                return  # being written now: its flags cannot be checked yet
+    rc, text = cli_help(*words)
+    assert rc == 0, f"{where}: `{' '.join(words)} --help` exited {rc}: {text[-500:]}"
+    options = help_options(tuple(words))
+    for i, token in enumerate(rest):
+        if not token.startswith("--"):
+            continue
+        flag, eq, value = token.partition("=")
+        assert flag in options, (
+            f"{where}: `{' '.join(words)}` has no option {flag!r} "
+            f"(its options: {sorted(options)})"
+        )
+        choices = options[flag]
+        if choices:
+            value = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+            assert value in choices, f"{where}: {flag} {value!r} is not one of {sorted(choices)}"
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    for i, token in enumerate(argv):
+        if token == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith(flag + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+# ----------------------------------------------------------------------------- Dockerfiles
+
+
+def dockerfiles() -> list[Path]:
+    return sorted(DOCKER.glob("*.Dockerfile"))
+
+
+def parse_dockerfile(path: Path) -> DockerfileParser:
+    return DockerfileParser(path=str(path), cache_content=True)
+
+
+def final_stage(dfp: DockerfileParser) -> list[dict]:
+    structure = dfp.structure
+    starts = [i for i, ins in enumerate(structure) if ins["instruction"] == "FROM"]
+    assert starts, "no FROM"
+    return structure[starts[-1] :]
+
+
+def exec_form(instruction: dict, where: str) -> list[str]:
+    value = instruction["value"].strip()
+    assert value.startswith("["), f"{where}: {instruction['instruction']} must use the exec (JSON) form"
+    parsed = yaml.safe_load(value)
+    assert isinstance(parsed, list) and all(isinstance(x, str) for x in parsed), where
+    return parsed
+
+
+def image_command(path: Path) -> tuple[list[str], list[str]]:
+    """ENTRYPOINT and CMD of a Dockerfile's final stage."""
+    entrypoint: list[str] = []
+    cmd: list[str] = []
+    for ins in final_stage(parse_dockerfile(path)):
+        if ins["instruction"] == "ENTRYPOINT":
+            entrypoint = exec_form(ins, f"{path.name} ENTRYPOINT")
+        elif ins["instruction"] == "CMD":
+            cmd = exec_form(ins, f"{path.name} CMD")
+    return entrypoint, cmd
+
+
+def env_pairs(value: str) -> dict[str, str]:
+    """ENV/ARG ``a=1 b="x y"`` (or legacy ``ENV a 1``) as a dict."""
+    tokens = shlex.split(value.replace("\\\n", " "))
+    if tokens and "=" not in tokens[0]:
+        return {tokens[0]: " ".join(tokens[1:])}
+    return dict(t.split("=", 1) if "=" in t else (t, "") for t in tokens)
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def pinned(dist: str) -> str:
+    for dep in pyproject()["project"]["dependencies"]:
+        m = re.match(rf"^{re.escape(dist)}(\[[^\]]*\])?==([\w.]+)$", dep.replace(" ", ""))
+        if m:
+            return m.group(2)
+    raise AssertionError(f"{dist} is not pinned with == in pyproject.toml")
+
+
+def makefile_torch_spec() -> str:
+    m = re.search(r"^TORCH_SPEC\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
+    assert m, "Makefile has no TORCH_SPEC ?= default"
+    return m.group(1)
+
+
+def test_the_five_images_have_dockerfiles() -> None:
+    assert {p.name.removesuffix(".Dockerfile") for p in dockerfiles()} == IMAGES
+
+
+@pytest.mark.parametrize("path", dockerfiles(), ids=lambda p: p.name)
+def test_dockerfile(path: Path) -> None:
+    dfp = parse_dockerfile(path)
+    structure = dfp.structure
+    stages: set[str] = set()
+    for ins in structure:
+        if ins["instruction"] != "FROM":
+            continue
+        words = ins["value"].split()
+        words = [w for w in words if not w.startswith("--platform")]
+        ref = words[0]
+        if len(words) >= 3 and words[1].upper() == "AS":
+            stages.add(words[2])
+        if ref in stages:
+            continue
+        name, _, tag = ref.partition("@")[0].rpartition(":") if "@" not in ref else (ref, "", "")
+        assert "@sha256:" in ref or (name and tag and tag != "latest" and "/" not in tag), (
+            f"{path.name}: base image {ref!r} is not pinned to a tag"
+        )
+        assert ref.startswith("python:3.11-slim"), f"{path.name}: base {ref!r} is not python:3.11-slim"
+
+    final = final_stage(dfp)
+    users = [ins["value"].strip() for ins in final if ins["instruction"] == "USER"]
+    assert users, f"{path.name}: the final stage sets no USER (it would run as root)"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, (
+        f"{path.name}: USER {users[-1]!r} must be a numeric non-root uid (k8s runAsNonRoot checks it)"
+    )
+
+    # No secrets baked in: no ENV/ARG with a secret-looking name and a value, no key material.
+    for ins in structure:
+        if ins["instruction"] in ("ENV", "ARG"):
+            for name, value in env_pairs(ins["value"]).items():
+                assert not (SECRET_NAME.search(name) and value), (
+                    f"{path.name} line {ins['startline'] + 1}: {ins['instruction']} {name} "
+                    "looks like a secret: mount it at run time"
+                )
+        if ins["instruction"] in ("COPY", "ADD"):
+            assert not re.search(r"\.(key|pem|crt|secret)\b|certs/|secrets/", ins["value"]), (
+                f"{path.name}: {ins['instruction']} {ins['value']} copies key material into the image"
+            )
+    assert "-----BEGIN" not in path.read_text(), f"{path.name} contains key material"
+
+    entrypoint, cmd = image_command(path)
+    argv = entrypoint + cmd
+    check_invocation(argv, path.name, image=True)
+
+    envs = {}
+    for ins in final:
+        if ins["instruction"] == "ENV":
+            envs.update(env_pairs(ins["value"]))
+    if Path(argv[0]).name.startswith("flower-"):
+        assert envs.get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1", (
+            f"{path.name}: Flower images must set FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"
+        )
+
+
+@pytest.mark.parametrize("name", ["serve", "supernode", "serverapp"])
+def test_fedseg_images_install_torch_first_then_the_project(name: str) -> None:
+    dfp = parse_dockerfile(DOCKER / f"{name}.Dockerfile")
+    args: dict[str, str] = {}
+    runs: list[str] = []
+    for ins in dfp.structure:
+        if ins["instruction"] == "ARG":
+            args.update({k: v for k, v in env_pairs(ins["value"]).items()})
+        if ins["instruction"] == "RUN" and "pip install" in ins["value"]:
+            runs.append(ins["value"])
+    assert args.get("TORCH_SPEC") == makefile_torch_spec(), (
+        f"{name}: ARG TORCH_SPEC default must be the Makefile's {makefile_torch_spec()!r}"
+    )
+    torch_at = next(i for i, r in enumerate(runs) if "${TORCH_SPEC}" in r or "$TORCH_SPEC" in r)
+    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install (\.|/src)(\s|$)", r))
+    assert torch_at < project_at, f"{name}: torch must be installed before the project"
+
+
+@pytest.mark.parametrize(("name", "dist"), [("superlink", "flwr"), ("mlflow", "mlflow")])
+def test_lean_images_pin_the_projects_versions(name: str, dist: str) -> None:
+    text = (DOCKER / f"{name}.Dockerfile").read_text()
+    found = set(re.findall(rf"\b{dist}(?:\[[\w,]+\])?==([\w.]+)", text))
+    assert found == {pinned(dist)}, f"{name}.Dockerfile pins {dist} {found}, pyproject {pinned(dist)}"
+
+
+def test_serve_image_health_check_and_port() -> None:
+    path = DOCKER / "serve.Dockerfile"
+    final = final_stage(parse_dockerfile(path))
+    entrypoint, cmd = image_command(path)
+    argv = entrypoint + cmd
+    assert argv[:2] == ["fedseg", "serve"]
+    port = flag_value(argv, "--port")
+    assert port and flag_value(argv, "--host") == "0.0.0.0"
+    assert flag_value(argv, "--model") == "models:/fedseg-unet@champion"
+    health = [ins["value"] for ins in final if ins["instruction"] == "HEALTHCHECK"]
+    assert health and f":{port}/health/ready" in health[-1], health
+    exposed = " ".join(ins["value"] for ins in final if ins["instruction"] == "EXPOSE").split()
+    assert port in [e.split("/")[0] for e in exposed]
+
+
+def test_superlink_image_runs_with_tls_auth_and_a_database() -> None:
+    entrypoint, cmd = image_command(DOCKER / "superlink.Dockerfile")
+    argv = entrypoint + cmd
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--database"):
+        assert flag_value(argv, flag), f"superlink image: {flag} missing"
+    assert "--enable-supernode-auth" in argv and "--insecure" not in argv
+    # The ServerApp runs in the serverapp image (flower-superexec), not inside the SuperLink.
+    assert flag_value(argv, "--isolation") == "process"
+    assert image_command(DOCKER / "serverapp.Dockerfile")[0] == ["flower-superexec"]
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    patterns = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for needed in (".venv", "bench/.work", ".git", "**/__pycache__"):
+        assert needed in patterns, f".dockerignore must exclude {needed}"
+
+
+# ----------------------------------------------------------------------------- compose
+
+
+def load_yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def substitute(value: str) -> str:
+    """Compose interpolation with defaults (``${X:-d}`` -> d, ``${X}``/``${X:?}`` -> X)."""
+    return re.sub(
+        r"\$\{([A-Za-z_]\w*)(?::?-([^}]*)|:?\?[^}]*)?\}",
+        lambda m: m.group(2) if m.group(2) is not None else m.group(1),
+        value,
+    )
+
+
+def as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return shlex.split(value)
+    return [str(v) for v in value]
+
+
+def env_items(environment) -> Iterator[tuple[str, str | None]]:
+    if isinstance(environment, dict):
+        for k, v in environment.items():
+            yield str(k), None if v is None else str(v)
+    elif isinstance(environment, list):
+        for item in environment:
+            k, eq, v = str(item).partition("=")
+            yield k, v if eq else None
+
+
+def compose_services() -> dict[str, dict]:
+    return load_yaml(COMPOSE)["services"]
+
+
+def compose_argv(name: str, service: dict) -> list[str]:
+    build = service.get("build")
+    assert isinstance(build, dict) and build.get("dockerfile"), f"compose {name}: no build.dockerfile"
+    dockerfile = (COMPOSE.parent / build.get("context", ".") / build["dockerfile"]).resolve()
+    assert dockerfile.exists(), f"compose {name}: {dockerfile} does not exist"
+    assert dockerfile.parent == DOCKER.resolve(), f"compose {name}: Dockerfile outside docker/"
+    entrypoint, cmd = image_command(dockerfile)
+    if "entrypoint" in service:
+        entrypoint = as_list(service["entrypoint"])
+    command = as_list(service["command"]) if "command" in service else cmd
+    return [substitute(t) for t in entrypoint + command]
+
+
+def volume_parts(volume) -> tuple[str, str]:
+    """(source, target) of a compose volume, short or long syntax, interpolated."""
+    if isinstance(volume, dict):
+        return str(volume.get("source", "")), str(volume["target"])
+    parts = substitute(volume).split(":")
+    return (parts[0], parts[1]) if len(parts) > 1 else ("", parts[0])
+
+
+def mounted(service: dict, path: str) -> bool:
+    """Whether PATH inside the container comes from a volume, bind mount or compose secret."""
+    if path.startswith("/run/secrets/"):
+        names = {s if isinstance(s, str) else s.get("target", s["source"]) for s in service.get("secrets", [])}
+        return path.removeprefix("/run/secrets/") in names
+    for volume in service.get("volumes", []):
+        target = volume_parts(volume)[1]
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            return True
+    return False
+
+
+def test_compose_validates_against_the_compose_spec() -> None:
+    run_check_jsonschema("vendor.compose-spec", COMPOSE)
+
+
+def test_compose_services_run_real_commands() -> None:
+    services = compose_services()
+    supernodes = [n for n in services if n.startswith("supernode")]
+    assert {"mlflow", "superlink", "serverapp", "serve"} <= set(services) and len(supernodes) >= 2
+    for name, service in services.items():
+        argv = compose_argv(name, service)
+        check_invocation(argv, f"compose {name}", image=True)
+        assert "--insecure" not in argv, f"compose {name}: TLS is required"
+        # every file a flag names is mounted into the container
+        for token in argv:
+            if token.startswith(("/certs/", "/run/secrets/", "/keys/")):
+                assert mounted(service, token), f"compose {name}: {token} is not mounted"
+
+
+def test_compose_wires_tls_auth_and_per_site_data() -> None:
+    services = compose_services()
+    top_secrets = load_yaml(COMPOSE).get("secrets", {})
+    link = compose_argv("superlink", services["superlink"])
+    assert "--enable-supernode-auth" in link
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        assert flag_value(link, flag)
+    database = flag_value(link, "--database")
+    assert database and mounted(services["superlink"], database), "SuperLink state must be on a volume"
+    port = flag_value(link, "--port")
+
+    keys, data, sites = set(), set(), set()
+    for name in (n for n in services if n.startswith("supernode")):
+        service = services[name]
+        argv = compose_argv(name, service)
+        assert flag_value(argv, "--superlink") == f"superlink:{port}"
+        assert flag_value(argv, "--root-certificates")
+        keys.add(flag_value(argv, "--auth-supernode-private-key"))
+        node_config = dict(
+            kv.split("=", 1) for kv in shlex.split(flag_value(argv, "--node-config") or "")
+        )
+        assert {"data-dir", "site-name"} <= set(node_config), f"{name}: --node-config {node_config}"
+        assert mounted(service, node_config["data-dir"]), f"{name}: data-dir is not mounted"
+        sources = [src for src, dst in map(volume_parts, service["volumes"])
+                   if dst == node_config["data-dir"]]
+        data.update(sources)
+        sites.add(node_config["site-name"])
+        env = dict(env_items(service.get("environment")))
+        assert env.get("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION") == "1", name
+    n = len([s for s in services if s.startswith("supernode")])
+    assert None not in keys and len(keys) == n, "each SuperNode needs its own private key"
+    assert len(data) == n and len(sites) == n, "each SuperNode needs its own data and site name"
+
+    serverapp = compose_argv("serverapp", services["serverapp"])
+    assert flag_value(serverapp, "--runtime-api-address") == f"superlink:{port}"
+    for secret in top_secrets.values():
+        assert "file" in secret or "environment" in secret, "compose secrets must not be inline"
+
+    serve = compose_argv("serve", services["serve"])
+    serve_port = flag_value(serve, "--port")
+    published = [str(p).rsplit(":", 1)[-1] for p in services["serve"].get("ports", [])]
+    assert serve_port in published
+
+
+def test_compose_has_no_literal_credentials() -> None:
+    text = COMPOSE.read_text()
+    assert "-----BEGIN" not in text
+    for name, service in compose_services().items():
+        for key, value in env_items(service.get("environment")):
+            if SECRET_NAME.search(key):
+                assert value is None or INTERPOLATED.match(value), (
+                    f"compose {name}: {key} must be interpolated (${{VAR:?}}) or come from env_file"
+                )
+        build_args = (service.get("build") or {}).get("args") or {}
+        for key, value in env_items(build_args):
+            assert not (SECRET_NAME.search(key) and value), f"compose {name}: build arg {key}"
+
+
+# ----------------------------------------------------------------------------- CI pipelines
+
+
+def run_check_jsonschema(schema: str, path: Path) -> None:
+    exe = BIN / "check-jsonschema"
+    assert exe.exists(), f"{exe} missing: install the test extras (check-jsonschema)"
+    proc = subprocess.run(
+        [str(exe), "--builtin-schema", schema, str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"{path.name} fails {schema}:\n{proc.stdout}{proc.stderr}"
+
+
+def github() -> dict:
+    return load_yaml(GITHUB_CI)
+
+
+def gitlab() -> dict:
+    return load_yaml(GITLAB_CI)
+
+
+def github_scripts() -> list[str]:
+    return [step["run"] for job in github()["jobs"].values() for step in job.get("steps", []) if "run" in step]
+
+
+def _flatten(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _flatten(item)
+
+
+def gitlab_jobs() -> dict[str, dict]:
+    reserved = {"stages", "variables", "workflow", "default", "include", "image", "services",
+                "cache", "before_script", "after_script"}
+    return {k: v for k, v in gitlab().items() if k not in reserved and isinstance(v, dict)}
+
+
+def gitlab_scripts() -> list[str]:
+    return [
+        line
+        for job in gitlab_jobs().values()
+        for key in ("before_script", "script", "after_script")
+        for line in _flatten(job.get(key))
+    ]
+
+
+_OPERATORS = {";", "&&", "||", "|", "&", "(", ")", ">", ">>", "<", "<<", "2>", "|&", ";;"}
+
+
+def simple_commands(script: str) -> Iterator[list[str]]:
+    """The simple commands of a shell script (enough of sh for our CI files)."""
+    for line in script.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        lexer.commenters = ""
+        current: list[str] = []
+        for token in lexer:
+            if token in _OPERATORS or set(token) <= set(";&|()<>"):
+                if current:
+                    yield current
+                current = []
+            else:
+                current.append(token)
+        if current:
+            yield current
+
+
+def invocations(scripts: list[str], exe: str) -> list[list[str]]:
+    found = []
+    for script in scripts:
+        for argv in simple_commands(script):
+            while argv and re.match(r"^[A-Za-z_]\w*=", argv[0]):
+                argv = argv[1:]
+            if argv and Path(argv[0]).name == exe:
+                found.append(argv)
+    return found
+
+
+def makefile_targets() -> set[str]:
+    targets = set()
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-/ ]+?)\s*:(?![=:])", line)
+        if m and "$" not in m.group(1):
+            targets.update(m.group(1).split())
+    return targets
+
+
+def run_config_keys() -> set[str]:
+    return set(pyproject()["tool"]["flwr"]["app"]["config"])
+
+
+def check_ci_commands(scripts: list[str], where: str) -> None:
+    makes = invocations(scripts, "make")
+    assert makes, f"{where}: the pipeline must use the Makefile (`make test`)"
+    targets = makefile_targets()
+    for argv in makes:
+        for word in argv[1:]:
+            if not word.startswith("-") and "=" not in word:
+                assert word in targets, f"{where}: `make {word}`: no such target ({sorted(targets)})"
+    assert any("test" in argv[1:] for argv in makes), f"{where}: `make test` must run"
+
+    fedsegs = invocations(scripts, "fedseg")
+    allowed = CI_FEDSEG_SUBCOMMANDS | fedseg_subcommands()
+    used = set()
+    for argv in fedsegs:
+        assert len(argv) > 1 and argv[1] in allowed, f"{where}: `fedseg {argv[1:2]}` is not a command"
+        used.add(tuple(argv[1:3]))
+        check_invocation(argv, where, image=False)
+        for path in (flag_value(argv, "--gates"),):
+            if path:
+                assert (ROOT / path).is_file(), f"{where}: --gates {path} does not exist"
+        run_config = flag_value(argv, "--run-config")
+        if run_config:
+            keys = {kv.split("=", 1)[0] for kv in shlex.split(run_config)}
+            unknown = keys - run_config_keys()
+            assert not unknown, f"{where}: unknown run-config keys {unknown}"
+    for stage in (("simulate", "sites"), ("simulate", "run"), ("registry", "promote")):
+        assert stage in used, f"{where}: the pipeline never runs `fedseg {' '.join(stage)}`"
+
+
+def test_github_workflow_validates_against_its_schema() -> None:
+    run_check_jsonschema("vendor.github-workflows", GITHUB_CI)
+
+
+def test_gitlab_ci_validates_against_its_schema() -> None:
+    run_check_jsonschema("vendor.gitlab-ci", GITLAB_CI)
+
+
+def test_github_workflow_uses_the_users_commands() -> None:
+    check_ci_commands(github_scripts(), "ci.yml")
+
+
+def test_gitlab_ci_uses_the_users_commands() -> None:
+    check_ci_commands(gitlab_scripts(), ".gitlab-ci.yml")
+
+
+def test_github_workflow_stages_environment_and_images() -> None:
+    wf = github()
+    env = wf["env"]
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["FEDSEG_HOME"]
+    jobs = wf["jobs"]
+    chain = ["test", "train", "gates", "register", "build"]
+    for before, after in zip(chain, chain[1:]):
+        needs = jobs[after].get("needs")
+        assert before in ([needs] if isinstance(needs, str) else needs), f"{after} must need {before}"
+    for job in jobs.values():
+        for step in job.get("steps", []):
+            if str(step.get("uses", "")).startswith("actions/setup-python"):
+                assert str(step["with"]["python-version"]) == "3.11"
+                assert step["with"].get("cache") == "pip"
+    uploads = [s for s in jobs["register"]["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact")]
+    assert uploads and "FEDSEG_HOME" in uploads[0]["with"]["path"]
+    build = jobs["build"]
+    assert "refs/heads/main" in build["if"] and "refs/tags/" in build["if"]
+    assert set(build["strategy"]["matrix"]["image"]) == IMAGES
+    files = [s["with"]["file"] for s in build["steps"] if str(s.get("uses", "")).startswith("docker/build-push-action")]
+    assert files == ["docker/${{ matrix.image }}.Dockerfile"]
+
+
+def test_gitlab_ci_stages_environment_and_images() -> None:
+    ci = gitlab()
+    assert ci["stages"] == ["test", "train", "gates", "register", "build"]
+    variables = ci["variables"]
+    assert str(variables["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]) == "1"
+    home = variables["FEDSEG_HOME"]
+    jobs = gitlab_jobs()
+    assert {job.get("stage") for job in jobs.values()} >= set(ci["stages"])
+    home_dir = home.replace("$CI_PROJECT_DIR/", "").rstrip("/")
+    assert any(p.rstrip("/") == home_dir for p in jobs["register"]["artifacts"]["paths"])
+    build = jobs["build"]
+    images = set(build["parallel"]["matrix"][0]["IMAGE"])
+    assert images == IMAGES
+    script = " ".join(_flatten(build["script"]))
+    assert '-f "docker/$IMAGE.Dockerfile"' in script
+    rules = " ".join(str(r.get("if", "")) for r in build["rules"])
+    assert "CI_DEFAULT_BRANCH" in rules and "CI_COMMIT_TAG" in rules
+
+
+def test_gates_file() -> None:
+    gates = tomllib.loads(GATES.read_text())
+    assert set(gates) == set(GATE_KEYS)
+    for key, kind in GATE_KEYS.items():
+        value = gates[key]
+        if kind is float:
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), key
+        else:
+            assert isinstance(value, bool), key
+    assert 0.0 < gates["min_worst_site_dice"] <= 1.0
+    assert 0.0 <= gates["max_mean_dice_drop"] < 1.0
+    assert gates["max_epsilon"] > 0
+
+
+# ----------------------------------------------------------------------------- Kubernetes
+
+
+def k8s_documents() -> list[dict]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is None:
+                continue
+            assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{path.name}: {doc}"
+            assert doc["metadata"].get("name"), f"{path.name}: a {doc['kind']} without a name"
+            docs.append(doc)
+    assert docs, "no manifests under deploy/k8s"
+    return docs
+
+
+def workloads() -> list[dict]:
+    return [d for d in k8s_documents() if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def image_dockerfile(image: str) -> Path:
+    name = image.rsplit("/", 1)[-1].split(":")[0].split("@")[0]
+    path = DOCKER / f"{name}.Dockerfile"
+    assert path.exists(), f"image {image!r} has no docker/{name}.Dockerfile"
+    return path
+
+
+def container_argv(container: dict) -> list[str]:
+    entrypoint, cmd = image_command(image_dockerfile(container["image"]))
+    if "command" in container:
+        entrypoint = [str(x) for x in container["command"]]
+    args = [str(x) for x in container["args"]] if "args" in container else cmd
+    return entrypoint + args
+
+
+def resolve_port(container: dict, port) -> int:
+    for p in container.get("ports", []):
+        if port in (p.get("name"), p["containerPort"]):
+            return int(p["containerPort"])
+    raise AssertionError(f"port {port!r} is not a port of container {container['name']}")
+
+
+def test_k8s_workloads_run_real_commands_as_non_root() -> None:
+    for workload in workloads():
+        pod = workload["spec"]["template"]["spec"]
+        pod_sc = pod.get("securityContext", {})
+        assert workload["spec"]["selector"]["matchLabels"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+        for container in pod["containers"]:
+            where = f"k8s {workload['metadata']['name']}/{container['name']}"
+            argv = container_argv(container)
+            check_invocation(argv, where, image=True)
+            assert "--insecure" not in argv, where
+            sc = {**pod_sc, **container.get("securityContext", {})}
+            assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 1) != 0, where
+            assert container.get("securityContext", {}).get("allowPrivilegeEscalation") is False, where
+            resources = container.get("resources", {})
+            assert resources.get("requests") and resources.get("limits"), f"{where}: resources"
+            assert not str(container["image"]).endswith(":latest"), where
+            for item in container.get("env", []):
+                if SECRET_NAME.search(item["name"]):
+                    assert "valueFrom" in item, f"{where}: {item['name']} must come from a Secret"
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            for token in argv:
+                if token.startswith(("/certs/", "/secrets/")):
+                    assert any(token.startswith(m.rstrip("/") + "/") for m in mounts), (
+                        f"{where}: {token} is not mounted"
+                    )
+    for doc in k8s_documents():
+        if doc["kind"] == "ConfigMap":
+            for key in doc.get("data", {}):
+                assert not SECRET_NAME.search(key), f"ConfigMap {doc['metadata']['name']}: {key} belongs in a Secret"
+
+
+def _serving() -> tuple[dict, dict]:
+    for workload in workloads():
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            if container_argv(container)[:2] == ["fedseg", "serve"]:
+                return workload, container
+    raise AssertionError("no Deployment runs `fedseg serve`")
+
+
+def serving_settings_fields() -> set[str]:
+    """Field names of ``serving.settings.ServingSettings`` (read from source: no heavy import)."""
+    tree = ast.parse((ROOT / "serving" / "settings.py").read_text())
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "ServingSettings")
+    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+
+
+def test_k8s_serving_probes_ports_and_config() -> None:
+    deployment, container = _serving()
+    assert deployment["kind"] == "Deployment"
+    argv = container_argv(container)
+    port = int(flag_value(argv, "--port") or 8080)
+    assert flag_value(argv, "--host") == "0.0.0.0"
+    live, ready = container["livenessProbe"]["httpGet"], container["readinessProbe"]["httpGet"]
+    assert live["path"] == "/health/live" and ready["path"] == "/health/ready"
+    assert resolve_port(container, live["port"]) == port == resolve_port(container, ready["port"])
+
+    sources = container.get("envFrom", [])
+    assert any("configMapRef" in s for s in sources) and any("secretRef" in s for s in sources)
+    fields = serving_settings_fields()
+    config_maps = {d["metadata"]["name"]: d for d in k8s_documents() if d["kind"] == "ConfigMap"}
+    for source in sources:
+        if "configMapRef" in source:
+            cm = config_maps[source["configMapRef"]["name"]]
+            for key in cm["data"]:
+                if key.startswith("FEDSEG_SERVE_"):
+                    assert key.removeprefix("FEDSEG_SERVE_").lower() in fields, f"unknown setting {key}"
+
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    services = [d for d in k8s_documents() if d["kind"] == "Service"
+                and d["spec"]["selector"].items() <= labels.items()]
+    assert services, "no Service selects the serving pods"
+    for svc in services:
+        for p in svc["spec"]["ports"]:
+            assert resolve_port(container, p.get("targetPort", p["port"])) == port
+
+
+def test_k8s_superlink_state_tls_and_service() -> None:
+    docs = k8s_documents()
+    found = False
+    for workload in workloads():
+        spec = workload["spec"]
+        pod = spec["template"]["spec"]
+        for container in pod["containers"]:
+            argv = container_argv(container)
+            if Path(argv[0]).name != "flower-superlink":
+                continue
+            found = True
+            name = workload["metadata"]["name"]
+            assert "--enable-supernode-auth" in argv
+            mounts = container["volumeMounts"]
+
+            def volume_of(path: str) -> str:
+                best = max((m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")),
+                           key=lambda m: len(m["mountPath"]), default=None)
+                assert best, f"{name}: {path} is not on a mounted volume"
+                return best["name"]
+
+            claims = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])}
+            claims |= {v["name"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+            assert volume_of(flag_value(argv, "--database")) in claims, f"{name}: --database not on a PVC"
+            secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+            for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+                assert volume_of(flag_value(argv, flag)) in secrets, f"{name}: {flag} not from a Secret"
+            port = int(flag_value(argv, "--port") or 8000)
+            labels = spec["template"]["metadata"]["labels"]
+            services = [d for d in docs if d["kind"] == "Service" and d["spec"]["selector"].items() <= labels.items()]
+            assert services, f"no Service selects {name}"
+            for svc in services:
+                for p in svc["spec"]["ports"]:
+                    assert resolve_port(container, p.get("targetPort", p["port"])) == port
+            for probe in ("livenessProbe", "readinessProbe"):
+                get = container[probe]["httpGet"]
+                assert get.get("scheme") == "HTTPS" and resolve_port(container, get["port"]) == port
+    assert found, "no workload runs flower-superlink"
