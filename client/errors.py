@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "SiteConfigError"]
+__all__ = ["ClientError", "SiteConfigError", "PolicyError", "PolicyViolation"]
 
 
 class ClientError(Exception):
@@ -11,3 +11,11 @@ class ClientError(Exception):
 
 class SiteConfigError(ClientError, ValueError):
     """The node config does not say where the site's data is, or says it wrongly."""
+
+
+class PolicyError(ClientError, ValueError):
+    """The site's policy file cannot be read or holds a bad value."""
+
+
+class PolicyViolation(ClientError):
+    """The round asks for something the site's policy forbids; the message names the rule."""

@@ -21,6 +21,21 @@ class Site:
     data_dir: Path
     name: str
     cache_dir: Path | None = None  # preprocessed slices; None disables the cache
+    policy_file: Path | None = None  # policy.toml; default: the one in data_dir, if any
+    ledger_file: Path | None = None  # privacy ledger; default under $FEDSEG_HOME/ledgers
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.ledger_file or fedseg_home() / "ledgers" / f"{self.name}.json"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.policy_file or self.data_dir / "policy.toml"
+
+
+def _optional_path(node_config: Mapping[str, Any], key: str) -> Path | None:
+    raw = str(node_config.get(key, "")).strip()
+    return Path(raw).expanduser() if raw else None
 
 
 def _cache_dir(node_config: Mapping[str, Any]) -> Path | None:
@@ -36,7 +51,9 @@ SiteResolver = Callable[[Mapping[str, Any]], Site]
 def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
     """A real SuperNode: ``--node-config "data-dir='/data/dicom' site-name='hospital-a'"``.
 
-    Optional ``cache-dir`` (default ``$FEDSEG_HOME/cache/site-datasets``; ``none`` disables it).
+    Optional: ``cache-dir`` (default ``$FEDSEG_HOME/cache/site-datasets``; ``none`` disables
+    it), ``policy-file`` (default ``<data-dir>/policy.toml``), ``ledger-file`` (default
+    ``$FEDSEG_HOME/ledgers/<site-name>.json``).
     """
     raw = node_config.get("data-dir")
     if not raw:
@@ -48,7 +65,9 @@ def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
     if not data_dir.is_dir():
         raise SiteConfigError(f"data-dir {data_dir} is not a directory")
     name = str(node_config.get("site-name") or data_dir.name)
-    return Site(data_dir=data_dir, name=name, cache_dir=_cache_dir(node_config))
+    return Site(data_dir=data_dir, name=name, cache_dir=_cache_dir(node_config),
+                policy_file=_optional_path(node_config, "policy-file"),
+                ledger_file=_optional_path(node_config, "ledger-file"))
 
 
 @dataclass(frozen=True)

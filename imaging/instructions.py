@@ -36,6 +36,15 @@ class RoundInstructions:
     seed: int = 42
     test_fraction: float = 0.25
     server_round: int = 0
+    num_rounds: int = 1
+    model_name: str = "fedseg-unet"
+    consortium: str = "fedseg"
+    # DP-SGD at the site (privacy/); 0 means "unset" for the numeric knobs
+    dp: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0  # > 0: ε for the whole run at this site; wins over noise_multiplier
+    max_grad_norm: float = 1.0
+    delta: float = 0.0  # 0: below 1/N of the site's training samples
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -46,6 +55,13 @@ class RoundInstructions:
             raise ConfigError(f"learning-rate must lie in (0, 1), got {self.learning_rate}")
         if not 0 <= self.test_fraction < 1:
             raise ConfigError(f"test-fraction must lie in [0, 1), got {self.test_fraction}")
+        if self.dp:
+            if self.noise_multiplier <= 0 and self.target_epsilon <= 0:
+                raise ConfigError("dp=true needs noise-multiplier > 0 or target-epsilon > 0")
+            if self.max_grad_norm <= 0:
+                raise ConfigError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
+            if not 0 <= self.delta < 1:
+                raise ConfigError(f"dp-delta must lie in [0, 1), got {self.delta}")
 
     def to_config(self) -> dict[str, int | float | str]:
         return {
@@ -55,6 +71,14 @@ class RoundInstructions:
             "learning-rate": self.learning_rate,
             "seed": self.seed,
             "test-fraction": self.test_fraction,
+            "num-rounds": self.num_rounds,
+            "model-name": self.model_name,
+            "consortium": self.consortium,
+            "dp": self.dp,
+            "noise-multiplier": self.noise_multiplier,
+            "target-epsilon": self.target_epsilon,
+            "max-grad-norm": self.max_grad_norm,
+            "dp-delta": self.delta,
         }
 
     @classmethod
@@ -67,4 +91,12 @@ class RoundInstructions:
             seed=_get(config, "seed", int),
             test_fraction=_get(config, "test-fraction", float),
             server_round=int(config.get("server-round", 0)),
+            num_rounds=int(config.get("num-rounds", 1)),
+            model_name=str(config.get("model-name", "fedseg-unet")),
+            consortium=str(config.get("consortium", "fedseg")),
+            dp=bool(config.get("dp", False)),
+            noise_multiplier=float(config.get("noise-multiplier", 0.0)),
+            target_epsilon=float(config.get("target-epsilon", 0.0)),
+            max_grad_norm=float(config.get("max-grad-norm", 1.0)),
+            delta=float(config.get("dp-delta", 0.0)),
         )

@@ -16,6 +16,16 @@ from .errors import RunConfigError
 __all__ = ["FederationConfig"]
 
 
+def _bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if str(raw).lower() in ("true", "1", "yes"):
+        return True
+    if str(raw).lower() in ("false", "0", "no"):
+        return False
+    raise RunConfigError(f"expected true or false, got {raw!r}")
+
+
 def _channels(raw: str) -> tuple[int, ...]:
     try:
         return tuple(int(c) for c in str(raw).split(",") if c.strip())
@@ -47,11 +57,22 @@ class FederationConfig:
                 learning_rate=get("learning-rate", float),
                 seed=get("seed", int),
                 test_fraction=get("test-fraction", float),
+                num_rounds=get("num-server-rounds", int),
+                model_name=get("model-name", str),
+                consortium=get("consortium", str),
+                dp=get("dp", _bool),
+                noise_multiplier=get("noise-multiplier", float),
+                target_epsilon=get("target-epsilon", float),
+                max_grad_norm=get("max-grad-norm", float),
+                delta=get("dp-delta", float),
             )
             strategy = StrategySettings(
                 name=get("strategy", str).lower(),
                 fraction_train=get("fraction-train", float),
                 min_sites=get("min-sites", int),
+                client_dp=get("client-dp", _bool),
+                client_dp_noise=get("client-dp-noise", float),
+                client_dp_clip=get("client-dp-clip", float),
             )
         except (ConfigError, ValueError) as exc:
             raise RunConfigError(f"invalid run config: {exc}") from exc
@@ -87,6 +108,15 @@ class FederationConfig:
             "image-size": i.spec.image_size,
             "unet-channels": ",".join(map(str, i.spec.channels)),
             "norm": i.spec.norm,
+            "consortium": i.consortium,
+            "dp": i.dp,
+            "noise-multiplier": i.noise_multiplier,
+            "target-epsilon": i.target_epsilon,
+            "max-grad-norm": i.max_grad_norm,
+            "dp-delta": i.delta,
+            "client-dp": self.strategy.client_dp,
+            "client-dp-noise": self.strategy.client_dp_noise,
+            "client-dp-clip": self.strategy.client_dp_clip,
         }
 
 

@@ -32,6 +32,7 @@ class _RoundLog:
 
     train_examples: dict[str, int] = field(default_factory=dict)
     manifests: dict[str, str] = field(default_factory=dict)
+    epsilon: dict[str, float] = field(default_factory=dict)  # cumulative ε each site reported
     inputs: dict[str, dict] = field(default_factory=dict)
     last_evaluation: dict[str, float] = field(default_factory=dict)
     last_sites: list[SiteMetrics] = field(default_factory=list)
@@ -58,6 +59,8 @@ def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
         if phase == "train":
             for s in sites:
                 state.train_examples[s.site] = int(s.metrics.get("num-examples", 0))
+                if "epsilon" in s.metrics:
+                    state.epsilon[s.site] = s.metrics["epsilon"]
                 if s.facts.get("manifest-sha256"):
                     state.manifests[s.site] = s.facts["manifest-sha256"]
                 if s.facts.get("input-stats"):
@@ -79,6 +82,20 @@ def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
         run.log_metrics(metrics, step=server_round)
 
     return report
+
+
+def _dp_lineage(config: FederationConfig) -> dict[str, object]:
+    i, st = config.instructions, config.strategy
+    dp: dict[str, object] = {"enabled": i.dp}
+    if i.dp:
+        dp.update({"mechanism": "DP-SGD (Opacus, Poisson sampling)", "accountant": "rdp",
+                   "max_grad_norm": i.max_grad_norm, "delta": i.delta or "auto (< 1/N per site)",
+                   **({"target_epsilon": i.target_epsilon} if i.target_epsilon > 0
+                      else {"noise_multiplier": i.noise_multiplier})})
+    if st.client_dp:
+        dp["client_level"] = {"mechanism": "Flower server-side fixed clipping",
+                              "noise_multiplier": st.client_dp_noise, "clipping_norm": st.client_dp_clip}
+    return dp
 
 
 def _json_or_empty(text: str) -> dict:
@@ -159,12 +176,14 @@ def run_federation(
             "preprocessing": spec.to_json(),
             "eval_sites": compact_json({s.site: round(s.metrics.get("dice", 0.0), 6)
                                         for s in state.last_sites}),
-            "dp": compact_json({"enabled": False}),
+            "dp": compact_json(_dp_lineage(config)),
             "secure_aggregation": "off",
             "site_manifests": compact_json(state.manifests),
             "site_inputs": compact_json(state.inputs),
             "input_reference": compact_json(input_reference(state.inputs)),
         }
+        if state.epsilon:
+            lineage["epsilon_sites"] = compact_json({k: round(v, 4) for k, v in state.epsilon.items()})
         published = publish_model(
             store, run, config.model_name, final_state, spec, state.last_evaluation, lineage
         )
