@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench-quality clean
+.PHONY: install demo test test-fast test-cicd bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -36,3 +36,6 @@ bench-quality: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+test-cicd: install
+	$(PY) -m pytest tests/test_cicd_files.py -q
