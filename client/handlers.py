@@ -17,6 +17,8 @@ from imaging.site_cache import load_site_dataset_cached
 from imaging.site_data import SiteDataset
 from imaging.training import evaluate, train_epochs
 
+from .policy import load_policy
+from .private_training import check_policy, train_private_round
 from .site import Site
 
 __all__ = ["handle_train", "handle_evaluate"]
@@ -60,11 +62,28 @@ def _reply(
 
 
 def handle_train(message: Message, site: Site) -> Message:
-    """Train the received global model on the site's training patients."""
+    """Train the received global model on the site's training patients, within its policy."""
+    instructions = RoundInstructions.from_config(message.content["config"])
+    policy = load_policy(site.policy_path)
+    check_policy(instructions, policy)  # before touching any data
     instructions, net, data = _load(message, site)
     if data.num_train == 0:
         raise ValueError(f"site {site.name} has no training patients after the split")
     device = select_device()
+    if instructions.dp:
+        dp = train_private_round(
+            net, data.train_images, data.train_masks, instructions=instructions, site=site,
+            policy=policy, run_id=str(message.metadata.run_id), device=device,
+        )
+        metrics = {
+            "num-examples": dp.num_examples,
+            "train-loss": dp.loss,
+            "train-steps": dp.steps,
+            "epsilon": dp.epsilon,
+            "dp-delta": dp.delta,
+            "dp-noise-multiplier": dp.noise_multiplier,
+        }
+        return _reply(message, site, data, metrics, net=net)
     seed = instructions.seed * 1009 + instructions.server_round
     torch.manual_seed(seed)
     result = train_epochs(

@@ -11,6 +11,7 @@ _GROUPS: dict[str, str] = {
     "simulate": "simulation.cli:simulate",
     "registry": "registry.cli:registry",
     "serve": "serving.cli:serve",
+    "site": "client.cli:site",
 }
 
 

@@ -10,7 +10,7 @@ Opacus is imported only here. The public surface:
 - The exception tree rooted at :class:`PrivacyError`.
 """
 
-from .accounting import compose_epsilon, noise_for_target_epsilon, poisson_sample_rate
+from .accounting import compose_epsilon, noise_for_target_epsilon, poisson_sample_rate, steps_per_epoch
 from .config import Accountant, DPConfig, default_delta
 from .dpsgd import DPTrainResult, make_private_training, per_sample_loss, validate_module
 from .errors import BudgetExceededError, LedgerError, PrivacyConfigError, PrivacyError
@@ -32,5 +32,6 @@ __all__ = [
     "noise_for_target_epsilon",
     "per_sample_loss",
     "poisson_sample_rate",
+    "steps_per_epoch",
     "validate_module",
 ]
