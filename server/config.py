@@ -130,5 +130,7 @@ class _Getter:
         value = self.config[key]
         try:
             return kind(value)
+        except RunConfigError as exc:
+            raise RunConfigError(f"run config {key}: {exc}") from exc
         except (TypeError, ValueError) as exc:
             raise RunConfigError(f"run config {key}={value!r} is not a {kind.__name__}") from exc

@@ -97,8 +97,24 @@ def test_no_replies_publishes_nothing(tmp_path: Path, fedseg_home: Path) -> None
         ("strategy='fedfoo'", "unknown strategy 'fedfoo'"),
         ("image-size=30", "image_size 30 must be a positive multiple"),
         ("local-epochs=0", "local-epochs must be >= 1"),
+        ("client-dp=true fraction-train=0.5", "client-dp=true needs fraction-train=1.0"),
+        ("dp=true noise-multiplier=0.0", "dp=true needs noise-multiplier > 0 or target-epsilon > 0"),
+        ("dp='maybe'", "expected true or false"),
     ],
 )
 def test_bad_run_config_is_named(override: str, message: str) -> None:
     with pytest.raises(RunConfigError, match=message):
         _config(override)
+
+
+@pytest.mark.privacy
+def test_client_level_dp_wraps_fedavg_and_is_in_the_lineage(synthetic_sites: list[Path]) -> None:
+    grid = LocalGrid(create_client_app(PartitionSites(tuple(synthetic_sites))), len(synthetic_sites))
+    config = _config(TINY.replace("num-server-rounds=2", "num-server-rounds=1") + " client-dp=true")
+    outcome = run_federation(grid, config, default_store(), progress=lambda _: None)
+    (row,) = list_versions(default_store())
+    dp = json.loads(row["tags"]["dp"])
+    assert dp["enabled"] is False
+    assert dp["client_level"] == {"mechanism": "Flower server-side fixed clipping",
+                                  "noise_multiplier": 0.1, "clipping_norm": 10.0}
+    assert outcome.published.version == 1
