@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from .handlers import handle_evaluate, handle_train
 from .site import SiteResolver, site_from_node_config
@@ -11,11 +12,16 @@ from .site import SiteResolver, site_from_node_config
 __all__ = ["app", "create_client_app"]
 
 
-def create_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
-    """A ClientApp whose site comes from ``resolve_site(node_config)`` (the simulation's seam)."""
+def create_client_app(
+    resolve_site: SiteResolver = site_from_node_config, train_mods: list[Mod] | None = None
+) -> ClientApp:
+    """A ClientApp whose site comes from ``resolve_site(node_config)`` (the simulation's seam).
+
+    ``train_mods`` are Flower mods around the train handler (simulated misbehaviour).
+    """
     client_app = ClientApp()
 
-    @client_app.train()
+    @client_app.train(mods=train_mods)
     def train(message: Message, context: Context) -> Message:
         return handle_train(message, resolve_site(context.node_config))
 

@@ -8,7 +8,7 @@ Flower app's ``[tool.flwr.app.config]`` fused with the overrides, as `flwr run` 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from client.site import PartitionSites
 from server.app import app as server_app
 
 from .errors import AppConfigError, SitesDirError
+from .misbehave import misbehave_mod, parse_misbehavior
 
 __all__ = ["discover_sites", "default_app_dir", "fused_run_config", "run_simulated_federation"]
 
@@ -76,9 +77,15 @@ def run_simulated_federation(
     cpus_per_site: float = 1.0,
     gpus_per_site: float = 0.0,
     verbose: bool = False,
+    misbehave: Sequence[str] = (),
 ) -> None:
-    """One federation, one virtual SuperNode per site folder, through Ray."""
+    """One federation, one virtual SuperNode per site folder, through Ray.
+
+    ``misbehave``: ``SITE=KIND[:FACTOR]`` entries (see :mod:`simulation.misbehave`).
+    """
     sites = discover_sites(sites_dir)
+    plan = parse_misbehavior(misbehave, [p.name for p in sites])
+    mods = [misbehave_mod(plan, sites)] if plan else None
     config = fused_run_config(app_dir or default_app_dir(), run_config)
     if int(config.get("min-sites", 1)) > len(sites):
         raise SitesDirError(
@@ -92,7 +99,7 @@ def run_simulated_federation(
     _run_simulation(
         num_supernodes=len(sites),
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=create_client_app(PartitionSites(tuple(sites))),
+        client_app=create_client_app(PartitionSites(tuple(sites)), train_mods=mods),
         server_app=server_app,
         backend_config={
             "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},

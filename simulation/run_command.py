@@ -34,9 +34,11 @@ def configure_logging(verbose: bool) -> None:
 @click.option("--cpus-per-site", type=float, default=1.0, show_default=True)
 @click.option("--gpus-per-site", type=float, default=0.0, show_default=True,
               help="Share of a GPU per virtual site (e.g. 0.5) when one is present.")
+@click.option("--misbehave", multiple=True, metavar="SITE=KIND[:FACTOR]",
+              help="Make a virtual site misbehave: nan, signflip[:F], scale:F, dropout, straggle[:S]. Repeatable.")
 @click.option("--verbose", is_flag=True, help="Show Flower's and Ray's own logs.")
 def run_command(sites_dir: Path, run_config: str, app_dir: Path | None, cpus_per_site: float,
-                gpus_per_site: float, verbose: bool) -> None:
+                gpus_per_site: float, misbehave: tuple[str, ...], verbose: bool) -> None:
     """Run the real ServerApp and ClientApp over SITES-DIR with Flower's simulation engine."""
     from aggregation import AggregationError
     from imaging.errors import ImagingError
@@ -49,7 +51,7 @@ def run_command(sites_dir: Path, run_config: str, app_dir: Path | None, cpus_per
     try:
         run_simulated_federation(sites_dir, run_config=run_config, app_dir=app_dir,
                                  cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
-                                 verbose=verbose)
+                                 verbose=verbose, misbehave=misbehave)
     except (SimulationError, ImagingError, ServerError, AggregationError, RegistryError) as exc:
         raise click.ClickException(str(exc)) from exc
     except RuntimeError as exc:
