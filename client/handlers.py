@@ -95,6 +95,7 @@ def handle_train(message: Message, site: Site) -> Message:
         learning_rate=instructions.learning_rate,
         device=device,
         seed=seed,
+        proximal_mu=instructions.proximal_mu,
     )
     log.info("site %s round %d: loss %.4f on %d slices", site.name,
              instructions.server_round, result.loss, result.num_examples)

@@ -45,6 +45,7 @@ class RoundInstructions:
     target_epsilon: float = 0.0  # > 0: ε for the whole run at this site; wins over noise_multiplier
     max_grad_norm: float = 1.0
     delta: float = 0.0  # 0: below 1/N of the site's training samples
+    proximal_mu: float = 0.0  # FedProx: sent by Flower's FedProx as "proximal-mu"
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -62,6 +63,10 @@ class RoundInstructions:
                 raise ConfigError(f"max-grad-norm must be > 0, got {self.max_grad_norm}")
             if not 0 <= self.delta < 1:
                 raise ConfigError(f"dp-delta must lie in [0, 1), got {self.delta}")
+            if self.proximal_mu > 0:
+                raise ConfigError("FedProx's proximal term is not per-sample: it cannot be used with dp=true")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
 
     def to_config(self) -> dict[str, int | float | str]:
         return {
@@ -99,4 +104,5 @@ class RoundInstructions:
             target_epsilon=float(config.get("target-epsilon", 0.0)),
             max_grad_norm=float(config.get("max-grad-norm", 1.0)),
             delta=float(config.get("dp-delta", 0.0)),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
         )

@@ -51,8 +51,12 @@ def train_epochs(
     learning_rate: float,
     device: torch.device,
     seed: int = 0,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Train ``net`` in place with Adam for ``epochs`` passes over ``(slices, S, S)`` arrays."""
+    """Train ``net`` in place with Adam for ``epochs`` passes over ``(slices, S, S)`` arrays.
+
+    ``proximal_mu > 0`` adds FedProx's term ``mu / 2 * ||w - w_start||^2`` to the loss.
+    """
     if len(images) == 0:
         raise ValueError("no training slices")
     x, y = _tensors(images, masks)
@@ -60,6 +64,7 @@ def train_epochs(
     net.to(device).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
     loss_fn = _loss()
+    anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
     steps, epoch_loss = 0, 0.0
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
@@ -69,6 +74,10 @@ def train_epochs(
             xb, yb = x[idx].to(device), y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(net(xb), yb)
+            if anchor:
+                loss = loss + proximal_mu / 2 * sum(
+                    (p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor)
+                )
             loss.backward()
             optimizer.step()
             total += float(loss.detach())

@@ -99,3 +99,28 @@ def test_pooled_dice() -> None:
     counts = DiceCounts()
     counts.update(a, b)
     assert counts.merge(counts).dice == pytest.approx(0.5)
+
+
+def test_fedprox_term_keeps_the_update_close_to_the_global_model() -> None:
+    from imaging.training import train_epochs
+
+    spec = ModelSpec(channels=(4, 8), image_size=16)
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 16, 16), dtype=np.float32)
+    y = (x > 0.7).astype(np.uint8)
+    moved = {}
+    for mu in (0.0, 100.0):
+        torch.manual_seed(0)
+        net = build_unet(spec)
+        start = [p.detach().clone() for p in net.parameters()]
+        train_epochs(net, x, y, epochs=3, batch_size=4, learning_rate=0.01,
+                     device=torch.device("cpu"), seed=0, proximal_mu=mu)
+        moved[mu] = float(sum((p.detach() - s).pow(2).sum() for p, s in zip(net.parameters(), start)) ** 0.5)
+    assert moved[100.0] < 0.7 * moved[0.0]
+
+
+def test_fedprox_with_dp_is_refused() -> None:
+    from imaging.instructions import RoundInstructions
+
+    with pytest.raises(ConfigError, match="cannot be used with dp=true"):
+        RoundInstructions(spec=ModelSpec(), dp=True, noise_multiplier=1.0, proximal_mu=0.1)
