@@ -1,9 +1,20 @@
 """Choosing, composing and reporting Flower strategies."""
 
 from .errors import AggregationError, StrategyConfigError
-from .factory import STRATEGIES, StrategySettings, build_strategy
+from .factory import (
+    FEDOPT_STRATEGIES,
+    MEAN_STRATEGIES,
+    PROXIMAL_MU_KEY,
+    ROBUST_STRATEGIES,
+    STRATEGIES,
+    WEIGHT_KEY,
+    StrategySettings,
+    build_strategy,
+)
 from .reporting import RoundReport, SiteReportingStrategy
 from .site_metrics import SiteMetrics, site_metrics, summarize_evaluation
+from .norm_layers import norm_parameter_names, split_norm
+from .validation import Rejection, ValidatingStrategy
 
 __all__ = [
     "AggregationError",
@@ -16,4 +27,13 @@ __all__ = [
     "SiteMetrics",
     "site_metrics",
     "summarize_evaluation",
+    "FEDOPT_STRATEGIES",
+    "MEAN_STRATEGIES",
+    "PROXIMAL_MU_KEY",
+    "ROBUST_STRATEGIES",
+    "WEIGHT_KEY",
+    "norm_parameter_names",
+    "split_norm",
+    "Rejection",
+    "ValidatingStrategy",
 ]

@@ -37,6 +37,7 @@ def _channels(raw: str) -> tuple[int, ...]:
 class FederationConfig:
     num_rounds: int
     round_timeout: float
+    update_norm_factor: float
     model_name: str
     strategy: StrategySettings
     instructions: RoundInstructions
@@ -73,18 +74,25 @@ class FederationConfig:
                 client_dp=get("client-dp", _bool),
                 client_dp_noise=get("client-dp-noise", float),
                 client_dp_clip=get("client-dp-clip", float),
+                proximal_mu=get("proximal-mu", float),
+                trim_beta=get("trim-beta", float),
+                num_malicious=get("num-malicious", int),
             )
         except (ConfigError, ValueError) as exc:
             raise RunConfigError(f"invalid run config: {exc}") from exc
         num_rounds = get("num-server-rounds", int)
         if num_rounds < 1:
             raise RunConfigError(f"num-server-rounds must be >= 1, got {num_rounds}")
+        norm_factor = get("update-norm-factor", float)
+        if norm_factor <= 1:
+            raise RunConfigError(f"update-norm-factor must be > 1, got {norm_factor}")
         timeout = get("round-timeout", float)
         if timeout <= 0:
             raise RunConfigError(f"round-timeout must be > 0 seconds, got {timeout}")
         return cls(
             num_rounds=num_rounds,
             round_timeout=timeout,
+            update_norm_factor=norm_factor,
             model_name=get("model-name", str),
             strategy=strategy,
             instructions=instructions,
@@ -98,6 +106,8 @@ class FederationConfig:
             "round-timeout": self.round_timeout,
             "model-name": self.model_name,
             "strategy": self.strategy.name,
+            **{f"strategy.{k}": v for k, v in self.strategy.params().items()},
+            "update-norm-factor": self.update_norm_factor,
             "fraction-train": self.strategy.fraction_train,
             "min-sites": self.strategy.min_sites,
             "local-epochs": i.local_epochs,

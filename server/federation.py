@@ -11,7 +11,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from aggregation import SiteMetrics, SiteReportingStrategy, build_strategy, summarize_evaluation
+from aggregation import (
+    SiteMetrics,
+    SiteReportingStrategy,
+    ValidatingStrategy,
+    build_strategy,
+    summarize_evaluation,
+)
 from imaging.model import build_unet
 from registry import PublishedVersion, RegistryStore, TrackingRun, default_gates, publish_model
 
@@ -143,7 +149,15 @@ def run_federation(
     )
     run.log_params(config.as_params())
     state = _RoundLog()
-    strategy = SiteReportingStrategy(build_strategy(config.strategy), _reporter(run, state, progress))
+
+    def on_reject(server_round: int, site: str, reason: str) -> None:
+        state.failures += 1
+        progress(f"round {server_round}: rejected the update of {site}: {reason}")
+        run.log_metrics({f"site/{site}/train/rejected": 1.0, "train/rejected_updates": 1.0}, step=server_round)
+
+    validated = ValidatingStrategy(build_strategy(config.strategy), expected=initial,
+                                   norm_factor=config.update_norm_factor, on_reject=on_reject)
+    strategy = SiteReportingStrategy(validated, _reporter(run, state, progress))
     round_config = ConfigRecord(config.instructions.to_config())
     progress(f"federated run {run.run_id}: {config.num_rounds} rounds, strategy {config.strategy.name}")
     ok = False
@@ -162,7 +176,9 @@ def run_federation(
             )
         if not state.last_evaluation:
             raise FederationError("no site returned an evaluation; refusing to publish an unevaluated model")
-        final_state = result.arrays.to_torch_state_dict()
+        dtypes = {k: v.dtype for k, v in initial.to_torch_state_dict().items()}
+        # FedOpt strategies compute in float64: publish in the model's own dtypes
+        final_state = {k: v.to(dtypes[k]) for k, v in result.arrays.to_torch_state_dict().items()}
         lineage = {
             "run_id": run.run_id,
             "rounds": str(config.num_rounds),
@@ -170,8 +186,8 @@ def run_federation(
             "sites": compact_json(state.train_examples),
             "num_sites": str(len(state.train_examples)),
             "strategy": config.strategy.name,
-            "strategy_params": compact_json({"fraction_train": config.strategy.fraction_train,
-                                             "min_sites": config.strategy.min_sites}),
+            "strategy_params": compact_json({**config.strategy.params(),
+                                             "update_norm_factor": config.update_norm_factor}),
             "code_version": code_version(),
             "preprocessing": spec.to_json(),
             "eval_sites": compact_json({s.site: round(s.metrics.get("dice", 0.0), 6)

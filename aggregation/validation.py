@@ -1,0 +1,325 @@
+"""Refuse malformed, poisoned, duplicated or stale updates before any strategy averages them.
+
+Pure checks (finite values, schema, update norms, digests) sit apart from the stateful
+:class:`ValidatingStrategy`, a wrapper in the style of Flower's DP wrappers: it filters the
+train replies, reports each refusal, and delegates everything else to the strategy it wraps.
+
+Staleness: Flower's Message-API strategies leave ``Metadata.group_id`` empty (only the legacy
+workflows set it to the round), and a reply copies its instruction's ``group_id``. The wrapper
+therefore stamps ``group_id = str(server_round)`` on every train instruction it hands to the
+grid and refuses replies whose ``group_id`` differs. Where the grid has given the instructions
+message ids (every real grid does, in ``push_messages``), a reply must also answer one of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from .site_metrics import update_norm
+
+__all__ = [
+    "ValidatingStrategy",
+    "Rejection",
+    "OnReject",
+    "Schema",
+    "schema_of",
+    "schema_problems",
+    "non_finite_keys",
+    "arrays_digest",
+    "update_norm",
+    "reply_site",
+]
+
+# (server round, site or node, reason)
+OnReject = Callable[[int, str, str], None]
+# array key -> (shape, numpy dtype name)
+Schema = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One refused reply: who sent it and why (``reason`` starts with its kind)."""
+
+    server_round: int
+    node_id: int
+    site: str
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def schema_of(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``key -> (shape, dtype)`` of every array in ``record``."""
+    return {key: (tuple(array.shape), str(array.dtype)) for key, array in record.items()}
+
+
+def schema_problems(record: ArrayRecord, expected: Schema, limit: int = 3) -> list[str]:
+    """What differs between ``record`` and ``expected``: missing and unexpected keys, then
+    shapes and dtypes (at most ``limit`` of each kind, so a reason stays readable)."""
+    got = schema_of(record)
+    problems: list[str] = []
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    if missing:
+        problems.append(f"missing key(s) {_names(missing, limit)}")
+    if extra:
+        problems.append(f"unexpected key(s) {_names(extra, limit)}")
+    shapes = [k for k in expected if k in got and got[k][0] != tuple(expected[k][0])]
+    problems += [f"{k!r} has shape {got[k][0]}, expected {tuple(expected[k][0])}" for k in shapes[:limit]]
+    dtypes = [k for k in expected if k in got and got[k][1] != str(expected[k][1])]
+    problems += [f"{k!r} has dtype {got[k][1]}, expected {expected[k][1]}" for k in dtypes[:limit]]
+    return problems
+
+
+def non_finite_keys(record: ArrayRecord) -> dict[str, int]:
+    """``key -> number of NaN/inf values`` for every floating array that holds any."""
+    out = {}
+    for key, array in record.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.inexact):
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                out[key] = bad
+    return out
+
+
+def arrays_digest(record: ArrayRecord) -> str:
+    """SHA-256 over every key, dtype, shape and serialized byte of ``record``."""
+    h = hashlib.sha256()
+    for key in sorted(record.keys()):
+        array = record[key]
+        h.update(f"{key}\0{array.dtype}\0{tuple(array.shape)}\0".encode())
+        h.update(array.data)
+    return h.hexdigest()
+
+
+def reply_site(reply: Message) -> str:
+    """The site a reply names in its ``site`` ConfigRecord, else ``node-<id>``."""
+    content = reply.content
+    if "site" in content.config_records:
+        name = content.config_records["site"].get("site-name")
+        if name:
+            return str(name)
+    return "node-%d" % reply.metadata.src_node_id
+
+
+def _names(keys: list[str], limit: int) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _malformed(reply: Message, weight_key: str) -> str | None:
+    content = reply.content
+    if len(content.array_records) != 1:
+        return f"expected exactly one ArrayRecord, got {len(content.array_records)}"
+    if len(content.metric_records) != 1:
+        return f"expected exactly one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(weight_key)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        return f"{weight_key!r} missing or not a number: {weight!r}"
+    if not math.isfinite(weight) or weight <= 0:
+        return f"{weight_key!r} must be finite and > 0, got {weight}"
+    return None
+
+
+# ----------------------------------------------------------------------------- the wrapper
+
+
+class ValidatingStrategy(Strategy):
+    """Drops train replies that must not be aggregated, then lets ``inner`` aggregate the rest.
+
+    Parameters
+    ----------
+    inner : Strategy
+        Any Message-API strategy (Flower's own, or one already wrapped, e.g. for DP).
+    expected : ArrayRecord or Mapping[str, tuple[shape, dtype]] or None
+        The schema every reply must match exactly. ``None``: the arrays of the first round
+        configured (the initial model). Not each round's: Flower's FedAdam returns float64
+        arrays from float32 replies (numpy 2 promotion), so later rounds send float64.
+    norm_factor : float
+        A reply whose update norm ``||reply - sent||`` exceeds ``norm_factor`` times the
+        median update norm of this round's otherwise valid replies is refused. Needs at least
+        3 such replies and a median > 0; skipped otherwise.
+    on_reject : callable (server_round, site_or_node, reason)
+        Called once for every refused reply.
+    weight_key : str
+        The aggregation weight every reply's MetricRecord must carry, finite and > 0.
+
+    Notes
+    -----
+    Checks, in order: stale round, same node twice, reply shape (one ArrayRecord, one
+    MetricRecord, weight), schema, non-finite values, byte-identical arrays from several
+    nodes, update norm. A node that replied twice, and every node of a group of byte-identical
+    updates, are all refused: which copy is genuine cannot be told. Error replies are passed to
+    ``inner`` untouched. When no reply survives, ``aggregate_train`` returns ``(None, None)``
+    without calling ``inner``.
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        expected: ArrayRecord | Schema | None = None,
+        norm_factor: float = 10.0,
+        on_reject: OnReject | None = None,
+        *,
+        weight_key: str = "num-examples",
+    ) -> None:
+        if not norm_factor > 1:
+            raise ValueError(f"norm_factor must be > 1, got {norm_factor}")
+        self.inner = inner
+        self.expected: Schema | None = (
+            schema_of(expected) if isinstance(expected, ArrayRecord) else expected
+        )
+        self.norm_factor = norm_factor
+        self.on_reject: OnReject = on_reject or (lambda _r, _s, _m: None)
+        self.weight_key = weight_key
+        self.rejections: list[Rejection] = []  # the last aggregated round's
+        self._round: int | None = None
+        self._sent_arrays: ArrayRecord | None = None
+        self._sent: list[Message] = []
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            message.metadata.group_id = str(server_round)
+        if self.expected is None:
+            self.expected = schema_of(arrays)
+        self._round, self._sent_arrays, self._sent = server_round, arrays, messages
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        kept, rejected = self.screen(server_round, replies)
+        self.rejections = rejected
+        for r in rejected:
+            self.on_reject(r.server_round, r.site, r.reason)
+        if not any(not m.has_error() for m in kept):
+            return None, None
+        return self.inner.aggregate_train(server_round, kept)
+
+    # ------------------------------------------------------------------ the checks
+
+    def screen(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[list[Message], list[Rejection]]:
+        """(replies to aggregate, in their order; refusals). Does not call ``on_reject``."""
+        reasons: dict[int, str] = {}  # index in replies -> reason
+        content = [i for i, m in enumerate(replies) if not m.has_error()]
+
+        for i in content:
+            stale = self._stale(server_round, replies[i])
+            if stale:
+                reasons[i] = f"stale: {stale}"
+
+        per_node = Counter(replies[i].metadata.src_node_id for i in content if i not in reasons)
+        for i in content:
+            node = replies[i].metadata.src_node_id
+            if i not in reasons and per_node[node] > 1:
+                reasons[i] = f"duplicate: node {node} replied {per_node[node]} times in round {server_round}"
+
+        for i in content:
+            if i in reasons:
+                continue
+            problem = self._content_problem(replies[i], self.expected)
+            if problem:
+                reasons[i] = problem
+
+        self._identical(replies, [i for i in content if i not in reasons], reasons)
+        self._outliers(replies, [i for i in content if i not in reasons], reasons)
+
+        kept = [m for i, m in enumerate(replies) if i not in reasons]
+        rejected = [
+            Rejection(server_round, replies[i].metadata.src_node_id, reply_site(replies[i]), reason)
+            for i, reason in sorted(reasons.items())
+        ]
+        return kept, rejected
+
+    def _stale(self, server_round: int, reply: Message) -> str | None:
+        group = reply.metadata.group_id
+        if group != str(server_round):
+            return f"reply carries group_id {group!r}, this is round {server_round}"
+        sent_ids = {m.metadata.message_id for m in self._sent} if self._round == server_round else set()
+        if sent_ids and "" not in sent_ids and reply.metadata.reply_to_message_id not in sent_ids:
+            return (
+                f"reply answers message {reply.metadata.reply_to_message_id!r}, "
+                f"not one sent in round {server_round}"
+            )
+        return None
+
+    def _content_problem(self, reply: Message, expected: Schema | None) -> str | None:
+        malformed = _malformed(reply, self.weight_key)
+        if malformed:
+            return f"malformed: {malformed}"
+        arrays = next(iter(reply.content.array_records.values()))
+        if expected is not None:
+            problems = schema_problems(arrays, expected)
+            if problems:
+                return "schema: " + "; ".join(problems)
+        bad = non_finite_keys(arrays)
+        if bad:
+            total = sum(bad.values())
+            return f"non-finite: {total} NaN/inf value(s) in {_names(list(bad), 3)}"
+        return None
+
+    def _identical(self, replies: list[Message], candidates: list[int], reasons: dict[int, str]) -> None:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i in candidates:
+            groups[arrays_digest(next(iter(replies[i].content.array_records.values())))].append(i)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            nodes = [replies[i].metadata.src_node_id for i in members]
+            for i, node in zip(members, nodes, strict=True):
+                others = ", ".join(str(n) for n in nodes if n != node)
+                reasons[i] = f"duplicate: arrays byte-identical to those of node(s) {others}"
+
+    def _outliers(self, replies: list[Message], candidates: list[int], reasons: dict[int, str]) -> None:
+        if self._sent_arrays is None or len(candidates) < 3:
+            return
+        norms = {
+            i: update_norm(self._sent_arrays, next(iter(replies[i].content.array_records.values())))
+            for i in candidates
+        }
+        median = statistics.median(norms.values())
+        if median <= 0:
+            return
+        bound = self.norm_factor * median
+        for i, norm in norms.items():
+            if norm > bound:
+                reasons[i] = (
+                    f"norm: update norm {norm:.4g} exceeds {self.norm_factor:g} x the round's "
+                    f"median {median:.4g} (= {bound:.4g})"
+                )
