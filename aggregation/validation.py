@@ -13,6 +13,8 @@ message ids (every real grid does, in ``push_messages``), a reply must also answ
 
 from __future__ import annotations
 
+import logging
+
 import hashlib
 import math
 import statistics
@@ -26,6 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .site_metrics import update_norm
+
+log = logging.getLogger("fedseg.aggregation")
 
 __all__ = [
     "ValidatingStrategy",
@@ -179,7 +183,9 @@ class ValidatingStrategy(Strategy):
         on_reject: OnReject | None = None,
         *,
         weight_key: str = "num-examples",
+        all_or_nothing: bool = False,
     ) -> None:
+        self.all_or_nothing = all_or_nothing  # client-level DP: any rejection voids the round
         if not norm_factor > 1:
             raise ValueError(f"norm_factor must be > 1, got {norm_factor}")
         self.inner = inner
@@ -227,6 +233,11 @@ class ValidatingStrategy(Strategy):
         for r in rejected:
             self.on_reject(r.server_round, r.site, r.reason)
         if not any(not m.has_error() for m in kept):
+            return None, None
+        if self.all_or_nothing and (rejected or any(m.has_error() for m in kept)):
+            # the DP wrapper's noise is calibrated for every sampled site: with fewer, the
+            # guarantee it reports would not hold, so the round leaves the model unchanged
+            log.warning("round %d discarded: client-level DP needs every sampled site's update", server_round)
             return None, None
         return self.inner.aggregate_train(server_round, kept)
 

@@ -156,7 +156,8 @@ def run_federation(
         run.log_metrics({f"site/{site}/train/rejected": 1.0, "train/rejected_updates": 1.0}, step=server_round)
 
     validated = ValidatingStrategy(build_strategy(config.strategy), expected=initial,
-                                   norm_factor=config.update_norm_factor, on_reject=on_reject)
+                                   norm_factor=config.update_norm_factor, on_reject=on_reject,
+                                   all_or_nothing=config.strategy.client_dp)
     strategy = SiteReportingStrategy(validated, _reporter(run, state, progress))
     round_config = ConfigRecord(config.instructions.to_config())
     progress(f"federated run {run.run_id}: {config.num_rounds} rounds, strategy {config.strategy.name}")

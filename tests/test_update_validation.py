@@ -230,3 +230,18 @@ def test_fedadam_float64_rounds_keep_the_initial_schema() -> None:
     ]
     assert strategy.aggregate_train(2, replies)[0] is not None
     assert rejected == []
+
+
+
+def test_client_level_dp_voids_a_round_with_any_rejection() -> None:
+    """With Flower's DP wrapper inside, dropping one site would weaken the reported guarantee."""
+    inner = Recording()
+    strict = ValidatingStrategy(inner, all_or_nothing=True)
+    rnd = Round(strict)
+    replies = rnd.clean()
+    replies[2] = rnd.reply(2, _arrays(0.1, seed=9, **{"conv.bias": np.array([np.nan, 0.0], dtype=np.float32)}))
+    assert strict.aggregate_train(1, replies) == (None, None)
+    assert inner.seen == [] and len(strict.rejections) == 1
+    rnd2 = Round(strict, server_round=2)
+    arrays, _ = strict.aggregate_train(2, rnd2.clean())  # a clean round still aggregates
+    assert arrays is not None and len(inner.seen) == 1
