@@ -11,7 +11,7 @@
    the per-site ε actually spent comes from the version's ``epsilon_sites`` lineage tag.
 3. DP-SGD step time over the non-DP step time for the default U-Net at batch 16.
 
-    python bench/privacy.py [--rounds 8] [--quick]
+    python bench/privacy_bench.py [--rounds 8] [--quick]
 
 Reuses the sites imported by ``bench/quality.py`` (``bench/.work/quality/sites``).
 """
@@ -35,8 +35,6 @@ _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))
 from common import ROOT, command_line, git_version, header, machine, now, update_section, write_json  # noqa: E402
 
-# This file is bench/privacy.py: keep bench/ off the path so `privacy` is the package, not us.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 sys.path.insert(0, str(ROOT))
 
 from imaging.metrics import DiceCounts  # noqa: E402
