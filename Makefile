@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast test-cicd bench-quality clean
+.PHONY: install demo test test-fast test-cicd bench-quality bench-privacy clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -33,6 +33,9 @@ test-fast: install
 
 bench-quality: install
 	$(PY) bench/quality.py
+
+bench-privacy: install
+	$(PY) bench/privacy_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
