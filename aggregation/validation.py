@@ -239,6 +239,10 @@ class ValidatingStrategy(Strategy):
             # guarantee it reports would not hold, so the round leaves the model unchanged
             log.warning("round %d discarded: client-level DP needs every sampled site's update", server_round)
             return None, None
+        # replies arrive in whatever order the sites finish; aggregating them in a fixed order
+        # makes the floating-point sums, and so the run, reproducible
+        kept.sort(key=lambda m: (m.has_error(), reply_site(m) if not m.has_error() else "",
+                                 m.metadata.src_node_id))
         return self.inner.aggregate_train(server_round, kept)
 
     # ------------------------------------------------------------------ the checks

@@ -245,3 +245,14 @@ def test_client_level_dp_voids_a_round_with_any_rejection() -> None:
     rnd2 = Round(strict, server_round=2)
     arrays, _ = strict.aggregate_train(2, rnd2.clean())  # a clean round still aggregates
     assert arrays is not None and len(inner.seen) == 1
+
+
+def test_aggregation_does_not_depend_on_the_order_replies_arrive_in() -> None:
+    """Sites finish in any order; the aggregate (and so a whole run) must be reproducible."""
+    strategy = ValidatingStrategy(Recording())
+    rnd = Round(strategy)
+    replies = [rnd.reply(k, _arrays(0.1, seed=k)) for k in range(5)]
+    forward, _ = strategy.aggregate_train(1, list(replies))
+    backward, _ = strategy.aggregate_train(1, list(reversed(replies)))
+    for key in forward:
+        assert forward[key].numpy().tobytes() == backward[key].numpy().tobytes()
