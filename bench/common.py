@@ -85,3 +85,22 @@ def update_section(section: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(block + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + block
     BENCHMARKS_MD.write_text(text)
+
+
+def evaluate_sites(net, data: dict, device) -> dict[str, float]:
+    """Dice of ``net`` on each site's held-out slices, pooled over all voxels, mean and worst."""
+    import numpy as np
+
+    from imaging.metrics import DiceCounts
+    from imaging.training import evaluate
+
+    scores, pooled = {}, DiceCounts()
+    for site, d in data.items():
+        r = evaluate(net, d.test_images, d.test_masks, device=device)
+        scores[site] = r.dice
+        pooled = pooled.merge(r.counts)
+    scores["pooled"] = pooled.dice
+    per_site = [scores[s] for s in data]
+    scores["mean"] = float(np.mean(per_site))
+    scores["worst"] = float(min(per_site))
+    return scores

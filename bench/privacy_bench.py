@@ -33,11 +33,10 @@ import torch
 
 _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))
-from common import ROOT, command_line, git_version, header, machine, now, update_section, write_json  # noqa: E402
+from common import ROOT, command_line, evaluate_sites, git_version, header, machine, now, update_section, write_json  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-from imaging.metrics import DiceCounts  # noqa: E402
 from imaging.model import build_unet, load_state_dict, select_device  # noqa: E402
 from imaging.site_data import SiteDataset, load_site_dataset  # noqa: E402
 from imaging.spec import ModelSpec  # noqa: E402
@@ -226,19 +225,6 @@ def _worker(a: argparse.Namespace) -> None:
     run_simulated_federation(a.sites, run_config=_run_config(a, eps))
 
 
-def _evaluate(net: torch.nn.Module, data: dict[str, SiteDataset], device: torch.device) -> dict[str, float]:
-    scores, pooled = {}, DiceCounts()
-    for site, d in data.items():
-        r = evaluate(net, d.test_images, d.test_masks, device=device)
-        scores[site] = r.dice
-        pooled = pooled.merge(r.counts)
-    scores["pooled"] = pooled.dice
-    per_site = [scores[s] for s in data]
-    scores["mean"] = float(np.mean(per_site))
-    scores["worst"] = float(min(per_site))
-    return scores
-
-
 def _federate(a: argparse.Namespace, eps: float, spec: ModelSpec, data: dict[str, SiteDataset],
               device: torch.device) -> dict:
     home = a.work / f"home-eps{_eps_label(eps)}"
@@ -272,7 +258,7 @@ def _federate(a: argparse.Namespace, eps: float, spec: ModelSpec, data: dict[str
     eps_sites = lineage.get("epsilon_sites")
     if isinstance(eps_sites, str):
         eps_sites = json.loads(eps_sites)
-    dice = _evaluate(load_state_dict(spec, state), data, device)
+    dice = evaluate_sites(load_state_dict(spec, state), data, device)
     row = {"target_epsilon": None if math.isinf(eps) else eps, "model": f"models:/{name}/{version}",
            "dice": dice, "epsilon_sites": eps_sites, "dp_lineage": lineage.get("dp"),
            "eval_sites_reported": lineage.get("eval_sites"), "seconds": seconds,

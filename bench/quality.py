@@ -19,13 +19,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, command_line, git_version, header, machine, now, update_section, write_json  # noqa: E402
+from common import ROOT, command_line, evaluate_sites, git_version, header, machine, now, update_section, write_json  # noqa: E402
 
-from imaging.metrics import DiceCounts  # noqa: E402
 from imaging.model import build_unet, load_state_dict, select_device  # noqa: E402
-from imaging.site_data import SiteDataset, load_site_dataset  # noqa: E402
+from imaging.site_data import load_site_dataset  # noqa: E402
 from imaging.spec import ModelSpec  # noqa: E402
-from imaging.training import evaluate, train_epochs  # noqa: E402
+from imaging.training import train_epochs  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -43,19 +42,6 @@ def _args() -> argparse.Namespace:
     p.add_argument("--max-patients", type=int, default=None, help="per site, for a quick run")
     p.add_argument("--no-record", action="store_true", help="do not touch BENCHMARKS.md")
     return p.parse_args()
-
-
-def _evaluate(net: torch.nn.Module, data: dict[str, SiteDataset], device: torch.device) -> dict[str, float]:
-    scores, pooled = {}, DiceCounts()
-    for site, d in data.items():
-        r = evaluate(net, d.test_images, d.test_masks, device=device)
-        scores[site] = r.dice
-        pooled = pooled.merge(r.counts)
-    scores["pooled"] = pooled.dice
-    per_site = [scores[s] for s in data]
-    scores["mean"] = float(np.mean(per_site))
-    scores["worst"] = float(min(per_site))
-    return scores
 
 
 def _train(spec: ModelSpec, images: np.ndarray, masks: np.ndarray, a: argparse.Namespace,
@@ -111,19 +97,19 @@ def main() -> None:
     t = time.monotonic()
     pooled_x = np.concatenate([d.train_images for d in data.values()])
     pooled_y = np.concatenate([d.train_masks for d in data.values()])
-    results["centralized"] = _evaluate(_train(spec, pooled_x, pooled_y, a, device), data, device)
+    results["centralized"] = evaluate_sites(_train(spec, pooled_x, pooled_y, a, device), data, device)
     seconds["centralized"] = time.monotonic() - t
     print("centralized", results["centralized"], flush=True)
 
     for site, d in data.items():
         t = time.monotonic()
-        results[f"alone: {site}"] = _evaluate(_train(spec, d.train_images, d.train_masks, a, device), data, device)
+        results[f"alone: {site}"] = evaluate_sites(_train(spec, d.train_images, d.train_masks, a, device), data, device)
         seconds[f"alone: {site}"] = time.monotonic() - t
         print(f"alone {site}", results[f"alone: {site}"], flush=True)
 
     t = time.monotonic()
     state = _federate(sites_dir, spec, a)
-    results["federated (FedAvg)"] = _evaluate(load_state_dict(spec, state), data, device)
+    results["federated (FedAvg)"] = evaluate_sites(load_state_dict(spec, state), data, device)
     seconds["federated (FedAvg)"] = time.monotonic() - t
     print("federated", results["federated (FedAvg)"], flush=True)
 
