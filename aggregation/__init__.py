@@ -14,6 +14,7 @@ from .factory import (
 from .reporting import RoundReport, SiteReportingStrategy
 from .site_metrics import SiteMetrics, site_metrics, summarize_evaluation
 from .norm_layers import norm_parameter_names, split_norm
+from .quorum import QuorumNotReachedError, QuorumStrategy
 from .validation import Rejection, ValidatingStrategy
 
 __all__ = [
@@ -36,4 +37,6 @@ __all__ = [
     "split_norm",
     "Rejection",
     "ValidatingStrategy",
+    "QuorumStrategy",
+    "QuorumNotReachedError",
 ]

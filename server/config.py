@@ -38,6 +38,7 @@ class FederationConfig:
     num_rounds: int
     round_timeout: float
     update_norm_factor: float
+    join_timeout: float
     model_name: str
     strategy: StrategySettings
     instructions: RoundInstructions
@@ -86,6 +87,9 @@ class FederationConfig:
         norm_factor = get("update-norm-factor", float)
         if norm_factor <= 1:
             raise RunConfigError(f"update-norm-factor must be > 1, got {norm_factor}")
+        join_timeout = get("join-timeout", float)
+        if join_timeout <= 0:
+            raise RunConfigError(f"join-timeout must be > 0 seconds, got {join_timeout}")
         timeout = get("round-timeout", float)
         if timeout <= 0:
             raise RunConfigError(f"round-timeout must be > 0 seconds, got {timeout}")
@@ -93,6 +97,7 @@ class FederationConfig:
             num_rounds=num_rounds,
             round_timeout=timeout,
             update_norm_factor=norm_factor,
+            join_timeout=join_timeout,
             model_name=get("model-name", str),
             strategy=strategy,
             instructions=instructions,
@@ -104,6 +109,7 @@ class FederationConfig:
         return {
             "num-server-rounds": self.num_rounds,
             "round-timeout": self.round_timeout,
+            "join-timeout": self.join_timeout,
             "model-name": self.model_name,
             "strategy": self.strategy.name,
             **{f"strategy.{k}": v for k, v in self.strategy.params().items()},

@@ -12,6 +12,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from aggregation import (
+    QuorumNotReachedError,
+    QuorumStrategy,
     SiteMetrics,
     SiteReportingStrategy,
     ValidatingStrategy,
@@ -155,7 +157,8 @@ def run_federation(
         progress(f"round {server_round}: rejected the update of {site}: {reason}")
         run.log_metrics({f"site/{site}/train/rejected": 1.0, "train/rejected_updates": 1.0}, step=server_round)
 
-    validated = ValidatingStrategy(build_strategy(config.strategy), expected=initial,
+    quorum = QuorumStrategy(build_strategy(config.strategy), config.strategy.min_sites, config.join_timeout)
+    validated = ValidatingStrategy(quorum, expected=initial,
                                    norm_factor=config.update_norm_factor, on_reject=on_reject,
                                    all_or_nothing=config.strategy.client_dp)
     strategy = SiteReportingStrategy(validated, _reporter(run, state, progress))
@@ -163,14 +166,17 @@ def run_federation(
     progress(f"federated run {run.run_id}: {config.num_rounds} rounds, strategy {config.strategy.name}")
     ok = False
     try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=config.num_rounds,
-            timeout=config.round_timeout,
-            train_config=round_config,
-            evaluate_config=ConfigRecord(config.instructions.to_config()),
-        )
+        try:
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=config.num_rounds,
+                timeout=config.round_timeout,
+                train_config=round_config,
+                evaluate_config=ConfigRecord(config.instructions.to_config()),
+            )
+        except QuorumNotReachedError as exc:
+            raise FederationError(str(exc)) from exc
         if not result.train_metrics_clientapp:
             raise FederationError(
                 f"no round produced an update ({state.failures} site failures); nothing to publish"

@@ -53,3 +53,19 @@ def test_other_flower_strategies_run_the_whole_path(synthetic_sites: list[Path],
         assert params["proximal_mu"] == 0.01
     loaded = load_model(default_store(), f"models:/fedseg-unet/{outcome.published.version}")
     assert all(v.dtype == torch.float32 for v in loaded.state_dict.values())
+
+
+def test_too_few_sites_stop_the_run_after_the_join_timeout(synthetic_sites: list[Path]) -> None:
+    """Flower alone would wait forever below min-sites; fedseg stops with the shortfall named."""
+    import time
+
+    from server.errors import FederationError
+
+    grid = LocalGrid(create_client_app(PartitionSites(tuple(synthetic_sites))), 2)
+    config = FederationConfig.from_run_config(
+        fused_run_config(default_app_dir(), TINY + " min-sites=3 join-timeout=1.5"))
+    start = time.monotonic()
+    with pytest.raises(FederationError, match="2 site\\(s\\) connected, min-sites is 3; waited 2 s"):
+        run_federation(grid, config, default_store(), progress=lambda _: None)
+    assert 1.5 <= time.monotonic() - start < 30
+    assert grid.delivered == [] and list_versions(default_store()) == []
