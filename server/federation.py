@@ -41,6 +41,7 @@ class _RoundLog:
     train_examples: dict[str, int] = field(default_factory=dict)
     manifests: dict[str, str] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)  # cumulative ε each site reported
+    delta: dict[str, float] = field(default_factory=dict)  # the δ each site accounts at
     inputs: dict[str, dict] = field(default_factory=dict)
     last_evaluation: dict[str, float] = field(default_factory=dict)
     last_sites: list[SiteMetrics] = field(default_factory=list)
@@ -69,6 +70,8 @@ def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
                 state.train_examples[s.site] = int(s.metrics.get("num-examples", 0))
                 if "epsilon" in s.metrics:
                     state.epsilon[s.site] = s.metrics["epsilon"]
+                if "dp-delta" in s.metrics:
+                    state.delta[s.site] = s.metrics["dp-delta"]
                 if s.facts.get("manifest-sha256"):
                     state.manifests[s.site] = s.facts["manifest-sha256"]
                 if s.facts.get("input-stats"):
@@ -92,12 +95,14 @@ def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
     return report
 
 
-def _dp_lineage(config: FederationConfig) -> dict[str, object]:
+def _dp_lineage(config: FederationConfig, deltas: dict[str, float]) -> dict[str, object]:
     i, st = config.instructions, config.strategy
     dp: dict[str, object] = {"enabled": i.dp}
     if i.dp:
+        # the largest δ any site accounts at is the guarantee's δ; each site's is kept too
+        delta = max(deltas.values()) if deltas else (i.delta or "auto (< 1/N per site)")
         dp.update({"mechanism": "DP-SGD (Opacus, Poisson sampling)", "accountant": "rdp",
-                   "max_grad_norm": i.max_grad_norm, "delta": i.delta or "auto (< 1/N per site)",
+                   "max_grad_norm": i.max_grad_norm, "delta": delta, "delta_sites": deltas,
                    **({"target_epsilon": i.target_epsilon} if i.target_epsilon > 0
                       else {"noise_multiplier": i.noise_multiplier})})
     if st.client_dp:
@@ -199,7 +204,7 @@ def run_federation(
             "preprocessing": spec.to_json(),
             "eval_sites": compact_json({s.site: round(s.metrics.get("dice", 0.0), 6)
                                         for s in state.last_sites}),
-            "dp": compact_json(_dp_lineage(config)),
+            "dp": compact_json(_dp_lineage(config, state.delta)),
             "secure_aggregation": "off",
             "site_manifests": compact_json(state.manifests),
             "site_inputs": compact_json(state.inputs),

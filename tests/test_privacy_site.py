@@ -109,5 +109,6 @@ def test_simulation_refuses_an_over_budget_site_and_goes_on(synthetic_sites: lis
     assert listed.returncode == 0, listed.stderr
     lineage = json.loads(listed.stdout)["lineage"]
     assert lineage["dp"]["enabled"] is True and lineage["dp"]["noise_multiplier"] == 0.7
+    assert set(lineage["dp"]["delta_sites"]) == {"site-a", "site-b"} and lineage["dp"]["delta"] <= 1e-5
     assert set(lineage["epsilon_sites"]) == {"site-a", "site-b"}
     assert lineage["epsilon_sites"]["site-a"] == pytest.approx(ledger_a.spent("c-test", "dp-unet"), abs=1e-3)
