@@ -26,8 +26,11 @@ __all__ = ["handle_train", "handle_evaluate"]
 log = logging.getLogger("fedseg.client")
 
 
-def _load(message: Message, site: Site) -> tuple[RoundInstructions, torch.nn.Module, SiteDataset]:
-    instructions = RoundInstructions.from_config(message.content["config"])
+def _load(
+    message: Message, site: Site, instructions: RoundInstructions | None = None
+) -> tuple[RoundInstructions, torch.nn.Module, SiteDataset]:
+    if instructions is None:
+        instructions = RoundInstructions.from_config(message.content["config"])
     state = message.content["arrays"].to_torch_state_dict()
     net = load_state_dict(instructions.spec, state)
     data = load_site_dataset_cached(
@@ -66,7 +69,7 @@ def handle_train(message: Message, site: Site) -> Message:
     instructions = RoundInstructions.from_config(message.content["config"])
     policy = load_policy(site.policy_path)
     check_policy(instructions, policy)  # before touching any data
-    instructions, net, data = _load(message, site)
+    instructions, net, data = _load(message, site, instructions)
     if data.num_train == 0:
         raise ValueError(f"site {site.name} has no training patients after the split")
     device = select_device()

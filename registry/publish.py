@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import tempfile
 import warnings
@@ -111,7 +110,3 @@ def publish_model(
     except DossierError as exc:  # the model stands without it; regenerate with `registry dossier`
         log.warning("dossier of %s v%s not logged: %s", name, version.version, exc)
     return PublishedVersion(name, int(version.version), promoted, reason)
-
-
-def lineage_json(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
