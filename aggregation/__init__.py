@@ -16,6 +16,9 @@ from .site_metrics import SiteMetrics, site_metrics, summarize_evaluation
 from .norm_layers import norm_parameter_names, split_norm
 from .quorum import QuorumNotReachedError, QuorumStrategy
 from .validation import Rejection, ValidatingStrategy
+from .resume import OnRoundEnd, ResumingStrategy
+from .retry import RoundBelowMinimumError, RoundRetryStrategy
+from .state import restore_strategy_state, strategy_state
 
 __all__ = [
     "AggregationError",
@@ -39,4 +42,10 @@ __all__ = [
     "ValidatingStrategy",
     "QuorumStrategy",
     "QuorumNotReachedError",
+    "OnRoundEnd",
+    "ResumingStrategy",
+    "RoundBelowMinimumError",
+    "RoundRetryStrategy",
+    "restore_strategy_state",
+    "strategy_state",
 ]

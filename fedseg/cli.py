@@ -9,6 +9,7 @@ import click
 # command name -> "module:attribute" of the click group defined in the package it drives
 _GROUPS: dict[str, str] = {
     "simulate": "simulation.cli:simulate",
+    "coordinator": "server.cli:coordinator",
     "registry": "registry.cli:registry",
     "serve": "serving.cli:serve",
     "site": "client.cli:site",

@@ -35,6 +35,14 @@ class TrackingRun:
         run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
         return cls(store, run.info.run_id)
 
+    @classmethod
+    def resume(cls, store: RegistryStore, run_id: str) -> TrackingRun:
+        """Reopen ``run_id`` (a coordinator run resumed from its journal) as running."""
+        client = store.client()
+        client.get_run(run_id)  # raises if the store does not know it
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return cls(store, run_id)
+
     def log_params(self, params: Mapping[str, object]) -> None:
         batch = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(batch), 100):

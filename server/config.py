@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aggregation import StrategySettings
@@ -42,6 +42,9 @@ class FederationConfig:
     model_name: str
     strategy: StrategySettings
     instructions: RoundInstructions
+    round_retries: int = 1
+    resume_run: str = ""  # a journaled run to continue after its last completed round
+    run_config: dict[str, Any] = field(default_factory=dict, compare=False)  # as given, journaled
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
@@ -93,6 +96,9 @@ class FederationConfig:
         timeout = get("round-timeout", float)
         if timeout <= 0:
             raise RunConfigError(f"round-timeout must be > 0 seconds, got {timeout}")
+        retries = get("round-retries", int)
+        if retries < 0:
+            raise RunConfigError(f"round-retries must be >= 0, got {retries}")
         return cls(
             num_rounds=num_rounds,
             round_timeout=timeout,
@@ -101,6 +107,9 @@ class FederationConfig:
             model_name=get("model-name", str),
             strategy=strategy,
             instructions=instructions,
+            round_retries=retries,
+            resume_run=get("resume-run", str).strip(),
+            run_config=dict(run_config),
         )
 
     def as_params(self) -> dict[str, object]:
@@ -110,6 +119,7 @@ class FederationConfig:
             "num-server-rounds": self.num_rounds,
             "round-timeout": self.round_timeout,
             "join-timeout": self.join_timeout,
+            "round-retries": self.round_retries,
             "model-name": self.model_name,
             "strategy": self.strategy.name,
             **{f"strategy.{k}": v for k, v in self.strategy.params().items()},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ServerError", "RunConfigError", "FederationError"]
+__all__ = ["ServerError", "RunConfigError", "FederationError", "JournalError"]
 
 
 class ServerError(Exception):
@@ -15,3 +15,7 @@ class RunConfigError(ServerError, ValueError):
 
 class FederationError(ServerError):
     """The federation produced no model (no site replied, every round failed...)."""
+
+
+class JournalError(ServerError):
+    """A run journal is missing, damaged, or cannot be resumed as asked."""

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from aggregation import (
-    QuorumNotReachedError,
+    AggregationError,
     QuorumStrategy,
+    ResumingStrategy,
+    RoundRetryStrategy,
     SiteMetrics,
     SiteReportingStrategy,
     ValidatingStrategy,
     build_strategy,
+    restore_strategy_state,
+    strategy_state,
     summarize_evaluation,
 )
 from imaging.model import build_unet
@@ -25,6 +29,7 @@ from registry import PublishedVersion, RegistryStore, TrackingRun, default_gates
 
 from .config import FederationConfig
 from .errors import FederationError
+from .journal import RoundCheckpoint, RunJournal, capture_rng, restore_rng
 from .lineage import code_version, compact_json
 
 __all__ = ["FederationOutcome", "run_federation"]
@@ -46,6 +51,15 @@ class _RoundLog:
     last_evaluation: dict[str, float] = field(default_factory=dict)
     last_sites: list[SiteMetrics] = field(default_factory=list)
     failures: int = 0
+    updated_rounds: list[int] = field(default_factory=list)  # rounds whose aggregation gave weights
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> _RoundLog:
+        sites = [SiteMetrics(**s) for s in data.get("last_sites", [])]
+        return cls(**{**data, "last_sites": sites})
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,8 @@ class FederationOutcome:
     published: PublishedVersion
     metrics: dict[str, float]
     sites: dict[str, int]
+    rounds_completed: tuple[int, ...] = ()
+    resumed_after: int = 0  # the round a resumed run continued after; 0 for a fresh run
 
 
 def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
@@ -137,6 +153,29 @@ def input_reference(inputs: dict[str, dict]) -> dict[str, object]:
     return reference
 
 
+def _start(store: RegistryStore, config: FederationConfig, experiment: str,
+           progress: Progress) -> tuple[TrackingRun, RunJournal, RoundCheckpoint | None]:
+    """A fresh MLflow run and journal, or the journaled run named by ``resume-run``."""
+    if not config.resume_run:
+        run = TrackingRun.start(
+            store, experiment, run_name=f"{config.model_name}-federated",
+            tags={"fedseg.role": "coordinator", "fedseg.code_version": code_version()},
+        )
+        run.log_params(config.as_params())
+        journal = RunJournal.create(run.run_id, run_config=config.run_config, num_rounds=config.num_rounds,
+                                    model_name=config.model_name, strategy=config.strategy.name)
+        return run, journal, None
+    journal = RunJournal.open(config.resume_run)
+    journal.check_resumable(config.run_config)
+    checkpoint = journal.latest()
+    after = checkpoint.server_round if checkpoint else 0
+    journal.mark_resumed(after)
+    run = TrackingRun.resume(store, journal.run_id)
+    run.set_tags({"fedseg.resumed_after_round": str(after)})
+    progress(f"resuming run {journal.run_id} after round {after} of {config.num_rounds}")
+    return run, journal, checkpoint
+
+
 def run_federation(
     grid: Grid,
     config: FederationConfig,
@@ -145,56 +184,82 @@ def run_federation(
     experiment: str = "fedseg",
     progress: Progress = log.info,
 ) -> FederationOutcome:
-    """Run ``config.num_rounds`` rounds, log them to MLflow, publish the final global model."""
+    """Run ``config.num_rounds`` rounds, log them to MLflow, publish the final global model.
+
+    Every completed round is journaled (:mod:`server.journal`); with ``resume-run`` set, the
+    run continues after the journal's last completed round instead of starting afresh.
+    """
     spec = config.instructions.spec
     default_gates()  # a malformed $FEDSEG_GATES_FILE stops the run before any round, not after
     torch.manual_seed(config.instructions.seed)
     initial = ArrayRecord(build_unet(spec).state_dict())
-    run = TrackingRun.start(
-        store, experiment, run_name=f"{config.model_name}-federated",
-        tags={"fedseg.role": "coordinator", "fedseg.code_version": code_version()},
-    )
-    run.log_params(config.as_params())
-    state = _RoundLog()
+    dtypes = {k: v.dtype for k, v in initial.to_torch_state_dict().items()}
+    run, journal, checkpoint = _start(store, config, experiment, progress)
+    state = _RoundLog.from_json(checkpoint.round_log) if checkpoint else _RoundLog()
+    done: list[int] = list(checkpoint.rounds_completed) if checkpoint else []
+    after = checkpoint.server_round if checkpoint else 0
+    final: dict[str, torch.Tensor] = dict(checkpoint.arrays) if checkpoint else {}
 
     def on_reject(server_round: int, site: str, reason: str) -> None:
         state.failures += 1
         progress(f"round {server_round}: rejected the update of {site}: {reason}")
         run.log_metrics({f"site/{site}/train/rejected": 1.0, "train/rejected_updates": 1.0}, step=server_round)
 
-    quorum = QuorumStrategy(build_strategy(config.strategy), config.strategy.min_sites, config.join_timeout)
+    base = build_strategy(config.strategy)
+    quorum = QuorumStrategy(base, config.strategy.min_sites, config.join_timeout)
     validated = ValidatingStrategy(quorum, expected=initial,
                                    norm_factor=config.update_norm_factor, on_reject=on_reject,
                                    all_or_nothing=config.strategy.client_dp)
-    strategy = SiteReportingStrategy(validated, _reporter(run, state, progress))
+    reporting = SiteReportingStrategy(validated, _reporter(run, state, progress))
+    retrying = RoundRetryStrategy(reporting, config.strategy.min_sites, config.round_retries,
+                                  config.round_timeout)
+
+    def on_round_end(server_round: int, arrays: ArrayRecord, updated: bool) -> None:
+        nonlocal final
+        final = arrays.to_torch_state_dict()  # as the strategy holds them (FedOpt: float64)
+        done.append(server_round)
+        if updated:
+            state.updated_rounds.append(server_round)
+        ledgers = {site: {"consortium": config.instructions.consortium, "model": config.model_name,
+                          "epsilon": eps} for site, eps in state.epsilon.items()}
+        journal.record_round(
+            RoundCheckpoint(server_round, final, strategy_state(base), capture_rng(), state.to_json(),
+                            sorted(done)),
+            metrics=state.last_evaluation, site_ledgers=ledgers,
+        )
+
+    strategy = ResumingStrategy(retrying, on_round_end, completed_rounds=after)
+    if checkpoint:
+        initial = ArrayRecord(checkpoint.arrays)
+        restore_strategy_state(base, checkpoint.strategy_state)
+        restore_rng(checkpoint.rng)
     round_config = ConfigRecord(config.instructions.to_config())
     progress(f"federated run {run.run_id}: {config.num_rounds} rounds, strategy {config.strategy.name}")
     ok = False
     try:
         try:
-            result = strategy.start(
+            strategy.start(
                 grid=grid,
                 initial_arrays=initial,
-                num_rounds=config.num_rounds,
+                num_rounds=config.num_rounds - after,
                 timeout=config.round_timeout,
                 train_config=round_config,
                 evaluate_config=ConfigRecord(config.instructions.to_config()),
             )
-        except QuorumNotReachedError as exc:
+        except AggregationError as exc:  # quorum not reached, a round below min-sites
             raise FederationError(str(exc)) from exc
-        if not result.train_metrics_clientapp:
+        if not state.updated_rounds:
             raise FederationError(
                 f"no round produced an update ({state.failures} site failures); nothing to publish"
             )
         if not state.last_evaluation:
             raise FederationError("no site returned an evaluation; refusing to publish an unevaluated model")
-        dtypes = {k: v.dtype for k, v in initial.to_torch_state_dict().items()}
         # FedOpt strategies compute in float64: publish in the model's own dtypes
-        final_state = {k: v.to(dtypes[k]) for k, v in result.arrays.to_torch_state_dict().items()}
+        final_state = {k: v.to(dtypes[k]) for k, v in final.items()}
         lineage = {
             "run_id": run.run_id,
             "rounds": str(config.num_rounds),
-            "rounds_completed": str(len(result.train_metrics_clientapp)),
+            "rounds_completed": str(len(state.updated_rounds)),
             "sites": compact_json(state.train_examples),
             "num_sites": str(len(state.train_examples)),
             "strategy": config.strategy.name,
@@ -210,6 +275,8 @@ def run_federation(
             "site_inputs": compact_json(state.inputs),
             "input_reference": compact_json(input_reference(state.inputs)),
         }
+        if after:
+            lineage["resumed_after_round"] = str(after)
         if state.epsilon:
             lineage["epsilon_sites"] = compact_json({k: round(v, 4) for k, v in state.epsilon.items()})
         published = publish_model(
@@ -220,8 +287,13 @@ def run_federation(
             f"published {published.name} v{published.version}"
             f" ({'champion: ' if published.promoted else 'not promoted: '}{published.reason})"
         )
+        journal.finish("completed", published_version=int(published.version))
         ok = True
         return FederationOutcome(run.run_id, published, dict(state.last_evaluation),
-                                 dict(state.train_examples))
+                                 dict(state.train_examples), tuple(sorted(done)), after)
+    except BaseException as exc:
+        if not ok and not isinstance(exc, KeyboardInterrupt):
+            journal.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         run.end(ok)

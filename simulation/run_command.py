@@ -36,19 +36,26 @@ def configure_logging(verbose: bool) -> None:
               help="Share of a GPU per virtual site (e.g. 0.5) when one is present.")
 @click.option("--misbehave", multiple=True, metavar="SITE=KIND[:FACTOR]",
               help="Make a virtual site misbehave: nan, signflip[:F], scale:F, dropout, straggle[:S]. Repeatable.")
+@click.option("--resume", "resume", metavar="RUN_ID", default=None,
+              help="Continue a killed run after its last completed round, with its journaled run config.")
 @click.option("--verbose", is_flag=True, help="Show Flower's and Ray's own logs.")
 def run_command(sites_dir: Path, run_config: str, app_dir: Path | None, cpus_per_site: float,
-                gpus_per_site: float, misbehave: tuple[str, ...], verbose: bool) -> None:
+                gpus_per_site: float, misbehave: tuple[str, ...], resume: str | None, verbose: bool) -> None:
     """Run the real ServerApp and ClientApp over SITES-DIR with Flower's simulation engine."""
     from aggregation import AggregationError
     from imaging.errors import ImagingError
     from registry import RegistryError
+    from server.cli import resume_run_config
     from server.errors import ServerError
 
     from .engine import run_simulated_federation
 
     configure_logging(verbose)
     try:
+        if resume:
+            if run_config.strip():
+                raise click.UsageError("--resume reuses the run's journaled run config; drop --run-config")
+            run_config = resume_run_config(resume)  # type: ignore[assignment]
         run_simulated_federation(sites_dir, run_config=run_config, app_dir=app_dir,
                                  cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
                                  verbose=verbose, misbehave=misbehave)
