@@ -8,6 +8,7 @@ A gates file is TOML, with the keys at the top level or in a ``[gates]`` table::
 
     [gates]
     min_worst_site_dice = 0.6     # every evaluating site must reach this Dice
+    max_worst_site_dice_drop = 0.02  # candidate's worst site >= champion's worst site - 0.02
     max_mean_dice_drop = 0.02     # candidate dice_mean >= champion dice_mean - 0.02
     max_epsilon = 8.0             # every site's DP epsilon must be <= 8 (omit: no epsilon gate)
     require_manifests = true      # every training site must have a data manifest digest
@@ -51,6 +52,10 @@ class GateConfig:
     min_worst_site_dice : float, default 0.0
         Lowest acceptable Dice of the worst evaluating site (``metric.dice_min``, else the
         minimum of ``eval_sites``). 0.0 accepts any model.
+    max_worst_site_dice_drop : float, default 0.02
+        How far the candidate's worst site Dice may fall below the current champion's worst
+        site Dice. Worst site first: a model that helps on average but hurts the weakest
+        hospital is not promoted. Passes when there is no champion or it has no per-site Dice.
     max_mean_dice_drop : float, default 0.02
         How far the candidate's ``dice_mean`` may fall below the current champion's. Passes when
         there is no champion, or when the champion has no ``dice_mean``.
@@ -71,9 +76,11 @@ class GateConfig:
     max_mean_dice_drop: float = 0.02
     max_epsilon: float | None = None
     require_manifests: bool = False
+    max_worst_site_dice_drop: float = 0.02
 
     def __post_init__(self) -> None:
         _check_number("min_worst_site_dice", self.min_worst_site_dice, 0.0, 1.0)
+        _check_number("max_worst_site_dice_drop", self.max_worst_site_dice_drop, 0.0, 1.0)
         _check_number("max_mean_dice_drop", self.max_mean_dice_drop, 0.0, 1.0)
         if self.max_epsilon is not None:
             _check_number("max_epsilon", self.max_epsilon, 0.0, math.inf)
@@ -166,7 +173,8 @@ class GateResult:
     Attributes
     ----------
     name : str
-        The gate: ``worst_site_dice``, ``mean_dice_drop``, ``epsilon`` or ``site_manifests``.
+        The gate: ``worst_site_dice``, ``worst_site_drop``, ``mean_dice_drop``, ``epsilon`` or
+        ``site_manifests``.
     passed : bool
         Whether the candidate meets it.
     detail : str
@@ -263,11 +271,12 @@ def evaluate_gates(
     Returns
     -------
     list[GateResult]
-        One result per gate, in a fixed order: ``worst_site_dice``, ``mean_dice_drop``,
-        ``epsilon``, ``site_manifests``. Disabled gates pass and say so.
+        One result per gate, worst site first: ``worst_site_dice``, ``worst_site_drop``,
+        ``mean_dice_drop``, ``epsilon``, ``site_manifests``. Disabled gates pass and say so.
     """
     return [
         _worst_site_gate(candidate, gates),
+        _worst_site_drop_gate(candidate, champion, gates),
         _mean_drop_gate(candidate, champion, gates),
         _epsilon_gate(candidate, gates),
         _manifest_gate(candidate, gates),
@@ -285,6 +294,28 @@ def _worst_site_gate(candidate: VersionFacts, gates: GateConfig) -> GateResult:
     where = f" ({site})" if site else ""
     ok = value + _TOLERANCE >= threshold
     return GateResult(name, ok, f"worst site Dice {value:.4f}{where} {'>=' if ok else '<'} {threshold:.4f}")
+
+
+def _worst_site_drop_gate(
+    candidate: VersionFacts, champion: VersionFacts | None, gates: GateConfig
+) -> GateResult:
+    name, limit = "worst_site_drop", gates.max_worst_site_dice_drop
+    if champion is None:
+        return GateResult(name, True, "no champion to compare with")
+    if champion.worst_site is None:
+        return GateResult(name, True, f"champion v{champion.version} has no per-site Dice to compare with")
+    if candidate.worst_site is None:
+        return GateResult(name, False, f"candidate has no per-site Dice; champion v{champion.version}'s "
+                                       f"worst site has {champion.worst_site[1]:.4f}")
+    (site, value), (champion_site, champion_value) = candidate.worst_site, champion.worst_site
+    drop = champion_value - value
+    ok = drop <= limit + _TOLERANCE
+    return GateResult(
+        name, ok,
+        f"worst site {value:.4f}{f' ({site})' if site else ''} vs champion v{champion.version} "
+        f"{champion_value:.4f}{f' ({champion_site})' if champion_site else ''}: "
+        f"drop {max(drop, 0.0):.4f} {'<=' if ok else '>'} {limit:.4f}",
+    )
 
 
 def _mean_drop_gate(

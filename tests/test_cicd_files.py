@@ -48,7 +48,7 @@ SECRET_NAME = re.compile(
     r"PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY|(^|_)KEY$", re.I
 )
 INTERPOLATED = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:?[-?][^}]*)?\}$")
-GATE_KEYS = {"min_worst_site_dice", "max_mean_dice_drop", "max_epsilon", "require_manifests"}
+GATE_KEYS = {"min_worst_site_dice", "max_worst_site_dice_drop", "max_mean_dice_drop", "max_epsilon", "require_manifests"}
 
 
 # ----------------------------------------------------------------------------- real CLIs

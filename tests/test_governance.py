@@ -65,6 +65,21 @@ def test_worst_site_gate_names_the_worst_site() -> None:
     assert not _gate(evaluate_gates(bare, None, GateConfig(min_worst_site_dice=0.1)), "worst_site_dice").passed
 
 
+def test_worst_site_first_a_better_mean_that_hurts_the_weakest_site_is_refused() -> None:
+    champion = VersionFacts.from_tags(1, _tags(m_dice_mean=0.70, eval_sites={"a": 0.75, "b": 0.65}))
+    candidate = VersionFacts.from_tags(2, _tags(m_dice_mean=0.78, eval_sites={"a": 0.96, "b": 0.60}))
+    results = evaluate_gates(candidate, champion, GateConfig())
+    assert [r.name for r in results][:3] == ["worst_site_dice", "worst_site_drop", "mean_dice_drop"]
+    worst = _gate(results, "worst_site_drop")
+    assert not worst.passed and "worst site 0.6000 (b) vs champion v1 0.6500 (b): drop 0.0500 > 0.0200" in worst.detail
+    assert _gate(results, "mean_dice_drop").passed  # the mean alone would have promoted it
+    assert _gate(evaluate_gates(candidate, champion, GateConfig(max_worst_site_dice_drop=0.05)),
+                 "worst_site_drop").passed
+    assert _gate(evaluate_gates(candidate, None, GateConfig()), "worst_site_drop").passed  # no champion
+    bare = VersionFacts.from_tags(3, {})
+    assert not _gate(evaluate_gates(bare, champion, GateConfig()), "worst_site_drop").passed
+
+
 def test_mean_drop_gate_compares_with_the_champion() -> None:
     champion = VersionFacts.from_tags(1, _tags(m_dice_mean=0.80))
     ok = VersionFacts.from_tags(2, _tags(m_dice_mean=0.785))
@@ -197,7 +212,7 @@ def test_promote_refuses_naming_the_failed_gate_and_keeps_the_alias(store) -> No
         promote(store, "refuse", v2, gates=GateConfig(min_worst_site_dice=0.5))
     message = str(info.value)
     assert "worst_site_dice" in message and "mean_dice_drop" in message
-    assert {r.name for r in info.value.failed} == {"worst_site_dice", "mean_dice_drop"}
+    assert {r.name for r in info.value.failed} == {"worst_site_dice", "worst_site_drop", "mean_dice_drop"}
     assert _champion(store, "refuse") == v1
     with pytest.raises(PromotionRefusedError, match="without a reason"):
         promote(store, "refuse", v2, gates=GateConfig(), force=True)
@@ -215,7 +230,7 @@ def test_forced_promotion_records_who_and_why_and_rollback_walks_back(store) -> 
     result = promote(store, "force", v3, gates=GateConfig(min_worst_site_dice=0.5), force=True,
                      reason="site b relabelled; emergency fix", actor="alice")
     assert (result.version, result.previous, result.forced) == (v3, v2, True)
-    assert {g.name for g in result.failed_gates} == {"worst_site_dice", "mean_dice_drop"}
+    assert {g.name for g in result.failed_gates} == {"worst_site_dice", "worst_site_drop", "mean_dice_drop"}
     last = read_history(store, "force")[-1]
     assert last["actor"] == "alice" and last["forced"] is True
     assert last["reason"] == "site b relabelled; emergency fix" and last["previous"] == v2
@@ -269,8 +284,12 @@ def test_cli_promote_exit_codes_and_messages(store, tmp_path: Path) -> None:
     assert back.exit_code == 0 and f"champion is now v{v1}" in back.output
     assert _champion(store, "cli") == v1
 
-    ok = runner.invoke(promote_command, ["cli", str(v2)])  # default gates: drop 0.01, worst 0.4 >= 0
-    assert ok.exit_code == 0 and "mean_dice_drop   PASS" in ok.output
+    worst_first = runner.invoke(promote_command, ["cli", str(v2)])  # default gates: worst site 0.7 -> 0.4
+    assert worst_first.exit_code == 1 and "worst_site_drop  FAIL" in worst_first.output
+    lenient = tmp_path / "lenient.toml"
+    lenient.write_text("max_worst_site_dice_drop = 0.5\n")
+    ok = runner.invoke(promote_command, ["cli", str(v2), "--gates", str(lenient)])  # mean drop 0.01
+    assert ok.exit_code == 0 and "mean_dice_drop   PASS" in ok.output, ok.output
 
     unknown_key = tmp_path / "typo.toml"
     unknown_key.write_text("min_worst_site_dise = 0.5\n")

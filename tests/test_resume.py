@@ -176,3 +176,38 @@ def test_simulated_coordinator_killed_after_round_1_resumes_to_the_end(
                                        capture_output=True, text=True, check=True).stdout)
     assert row["status"] == "completed" and row["rounds_completed"] == [1, 2, 3]
     assert row["resumes"][0]["after_round"] == after and row["published_version"] == 1
+
+
+def _flaky_once(fail_site: str):  # noqa: ANN202
+    """A Flower mod: ``fail_site``'s first train message fails (a site lost mid-round)."""
+    calls: list[int] = []
+
+    def mod(message, context, call_next):  # noqa: ANN001,ANN202
+        if int(context.node_config["partition-id"]) == int(fail_site) and not calls:
+            calls.append(1)
+            raise ConnectionError("site lost mid-round")
+        return call_next(message, context)
+    return mod
+
+
+def test_a_round_below_min_sites_is_retried(synthetic_sites: list[Path]) -> None:
+    app = create_client_app(PartitionSites(tuple(synthetic_sites)), train_mods=[_flaky_once("1")])
+    grid = LocalGrid(app, len(synthetic_sites))
+    outcome = run_federation(grid, _config("num-server-rounds=1 image-size=32 unet-channels='8,16' batch-size=8"),
+                             default_store(), progress=lambda _: None)
+    assert set(outcome.sites) == {"site-a", "site-b"}  # both updates made it, on the second attempt
+    train = [m for m in grid.delivered if m.metadata.message_type == "train"]
+    assert len(train) == 4  # 2 sites x 2 attempts
+
+
+def test_a_round_below_min_sites_stops_after_its_retries(synthetic_sites: list[Path]) -> None:
+    from simulation.misbehave import misbehave_mod, parse_misbehavior
+
+    plan = parse_misbehavior(["site-b=dropout"], [p.name for p in synthetic_sites])
+    grid = LocalGrid(create_client_app(PartitionSites(tuple(synthetic_sites)),
+                                       train_mods=[misbehave_mod(plan, synthetic_sites)]), len(synthetic_sites))
+    with pytest.raises(FederationError, match=r"round 1: 1 site\(s\) answered, min-sites is 2, after 3 "
+                                              r"attempt\(s\) \(round-retries=2\); errors: .*site-b"):
+        run_federation(grid, _config(TINY + " round-retries=2"), default_store(), progress=lambda _: None)
+    assert list_versions(default_store()) == []
+    assert list_runs()[0]["status"] == "failed"
