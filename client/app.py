@@ -7,6 +7,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from .handlers import handle_evaluate, handle_train
+from .node_settings import NodeSettings
 from .site import SiteResolver, site_from_node_config
 
 __all__ = ["app", "create_client_app"]
@@ -23,11 +24,13 @@ def create_client_app(
 
     @client_app.train(mods=train_mods)
     def train(message: Message, context: Context) -> Message:
-        return handle_train(message, resolve_site(context.node_config))
+        return handle_train(message, resolve_site(context.node_config),
+                            NodeSettings.from_node_config(context.node_config))
 
     @client_app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        return handle_evaluate(message, resolve_site(context.node_config))
+        return handle_evaluate(message, resolve_site(context.node_config),
+                               NodeSettings.from_node_config(context.node_config))
 
     return client_app
 

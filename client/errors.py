@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "SiteConfigError", "PolicyError", "PolicyViolation"]
+__all__ = [
+    "ClientError",
+    "SiteConfigError",
+    "PolicyError",
+    "PolicyViolation",
+    "AuditError",
+    "SourceError",
+    "PacsError",
+    "PacsAuthError",
+]
 
 
 class ClientError(Exception):
@@ -18,4 +27,27 @@ class PolicyError(ClientError, ValueError):
 
 
 class PolicyViolation(ClientError):
-    """The round asks for something the site's policy forbids; the message names the rule."""
+    """The round asks for something the site's policy forbids; the message names the rule.
+
+    ``rule`` is the policy key broken (``privacy.require_dp``, ``apps.allowed_hashes``, ...).
+    """
+
+    def __init__(self, message: str, rule: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+class AuditError(ClientError):
+    """The site's audit log cannot be written or read, or its hash chain is broken."""
+
+
+class SourceError(ClientError):
+    """A site's data source (DICOM folder or PACS) cannot be read."""
+
+
+class PacsError(SourceError):
+    """The PACS cannot be reached or answers with an error; the message names the request."""
+
+
+class PacsAuthError(PacsError):
+    """The PACS refused the node's credentials (HTTP 401 or 403)."""

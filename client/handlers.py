@@ -1,29 +1,42 @@
 """The ClientApp's train and evaluate handlers, as plain functions of a Message.
 
-Only weights and aggregate metrics leave: no pixel, no DICOM header, no identifier.
+Only weights and aggregate metrics leave: no pixel, no DICOM header, no identifier. Every message
+is checked against the site's policy (``policy.toml``) before any data is read, and recorded in
+the site's audit log (run, round start, data access, result, refusal or failure).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from imaging.instructions import RoundInstructions
 from imaging.model import load_state_dict, select_device
-from imaging.site_cache import load_site_dataset_cached
 from imaging.site_data import SiteDataset
-from imaging.training import evaluate, train_epochs
+from imaging.training import autocast_dtype, evaluate, train_epochs
+from privacy import BudgetExceededError
 
-from .policy import load_policy
+from .app_trust import AppIdentity, identify_app
+from .audit import AuditLog
+from .local_norm import apply_local_norm, keep_local_norm
+from .errors import PolicyError, PolicyViolation
+from .node_settings import NodeSettings
+from .policy import SitePolicy, check_app, check_required_metrics, filter_metrics, load_policy
 from .private_training import check_policy, train_private_round
 from .site import Site
 
 __all__ = ["handle_train", "handle_evaluate"]
 
 log = logging.getLogger("fedseg.client")
+
+#: What a handler body returns: the reply and the metrics it carries (before the policy filter).
+_Body = Callable[[Message, Site, NodeSettings, SitePolicy, AuditLog], tuple[Message, dict[str, Any]]]
 
 
 def _load(
@@ -33,12 +46,10 @@ def _load(
         instructions = RoundInstructions.from_config(message.content["config"])
     state = message.content["arrays"].to_torch_state_dict()
     net = load_state_dict(instructions.spec, state)
-    data = load_site_dataset_cached(
-        site.data_dir,
-        instructions.spec,
-        test_fraction=instructions.test_fraction,
-        seed=instructions.seed,
-        cache_dir=site.cache_dir,
+    if instructions.local_norm:  # FedBN: the site's own normalisation layers, not the averages
+        apply_local_norm(net, site.name, str(message.metadata.run_id))
+    data = site.load_dataset(  # syncs the site's source (folder or PACS), then the cache
+        instructions.spec, test_fraction=instructions.test_fraction, seed=instructions.seed
     )
     if data.problems:
         log.warning("site %s: %d file(s) or series not used, e.g. %s", site.name, len(data.problems),
@@ -47,7 +58,7 @@ def _load(
 
 
 def _reply(
-    message: Message, site: Site, data: SiteDataset, metrics: dict[str, float], net=None
+    message: Message, site: Site, data: SiteDataset, metrics: dict[str, Any], net=None
 ) -> Message:
     """Weights (train only), aggregate metrics, and the site's aggregate input facts."""
     facts = ConfigRecord(
@@ -64,16 +75,92 @@ def _reply(
     return Message(content=content, reply_to=message)
 
 
-def handle_train(message: Message, site: Site) -> Message:
-    """Train the received global model on the site's training patients, within its policy."""
+def _record_access(audit: AuditLog, message: Message, kind: str, data: SiteDataset) -> None:
+    """What was read: hashes and counts only (the manifest hashes every series UID)."""
+    stats = data.input_stats
+    audit.append("data-access", run_id=str(message.metadata.run_id), round=_round(message), kind=kind,
+                 manifest_sha256=data.manifest_sha256, series=int(stats.get("series", 0)),
+                 slices=int(stats.get("slices", 0)), train_slices=int(data.num_train),
+                 test_slices=int(data.num_test), train_patients=int(data.train_patients),
+                 test_patients=int(data.test_patients), unusable=len(data.problems))
+
+
+def _round(message: Message) -> int:
+    try:
+        return int(message.content["config"].get("server-round", 0))
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _file_sha256(path) -> str:  # noqa: ANN001
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _open_run(message: Message, site: Site, audit: AuditLog, hashes: bool) -> AppIdentity:
+    """The app identity of this run, recorded at the run's first message.
+
+    The FAB is rebuilt for its hashes only when the policy restricts apps (``hashes``).
+    """
+    match = {"run_id": str(message.metadata.run_id)}
+    record = audit.find("run", match)
+    if record is None:
+        app = identify_app(hashes=hashes)
+        record = audit.append_once("run", match, site=site.name, app=app.to_record(),
+                                   policy_file=str(site.policy_path),
+                                   policy_sha256=_file_sha256(site.policy_path))
+        record = record or audit.find("run", match) or {}
+    app = AppIdentity.from_record(record.get("app", {}))
+    if hashes and not (app.fab_sha256 or app.error):  # the policy changed during the run
+        app = identify_app()
+        audit.append("app-identified", run_id=match["run_id"], app=app.to_record())
+    return app
+
+
+def _guarded(message: Message, site: Site, node: NodeSettings | None, kind: str, body: _Body) -> Message:
+    """Audit, policy, then ``body``; the policy's metric filter on the way out."""
+    node = node or NodeSettings()
+    audit = AuditLog(node.audit_file or site.audit_path)
+    where = {"run_id": str(message.metadata.run_id), "round": _round(message), "kind": kind}
+    try:
+        policy, policy_error = load_policy(site.policy_path), None
+    except PolicyError as exc:  # recorded below, after the run and round records
+        policy, policy_error = SitePolicy(), exc
+    app = _open_run(message, site, audit, hashes=policy.restricts_apps)
+    audit.append("round-start", **where)
+    try:
+        if policy_error is not None:
+            raise policy_error
+        allowed_by = check_app(app, policy)
+        check_required_metrics(policy)
+        reply, metrics = body(message, site, node, policy, audit)
+        kept, dropped = filter_metrics(metrics, policy)
+    except (PolicyViolation, BudgetExceededError) as exc:
+        rule = getattr(exc, "rule", "") or "privacy.epsilon_budget"
+        audit.append("refusal", **where, rule=rule, reason=str(exc))
+        log.warning("site %s refused %s round %s: %s", site.name, kind, where["round"], exc)
+        raise
+    except Exception as exc:
+        audit.append("failure", **where, error=type(exc).__name__, reason=str(exc)[:1000])
+        raise
+    if dropped:
+        reply.content["metrics"] = MetricRecord(kept)
+    audit.append("round-result", **where, app_allowed_by=allowed_by, metrics=kept, dropped_metrics=dropped)
+    return reply
+
+
+def _train(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
+           audit: AuditLog) -> tuple[Message, dict[str, Any]]:
     instructions = RoundInstructions.from_config(message.content["config"])
-    policy = load_policy(site.policy_path)
     check_policy(instructions, policy)  # before touching any data
     instructions, net, data = _load(message, site, instructions)
+    _record_access(audit, message, "train", data)
     if data.num_train == 0:
         raise ValueError(f"site {site.name} has no training patients after the split")
-    device = select_device()
-    if instructions.dp:
+    device = select_device(node.device)
+    if instructions.dp:  # float32 only: see imaging.training.autocast_dtype
         dp = train_private_round(
             net, data.train_images, data.train_masks, instructions=instructions, site=site,
             policy=policy, run_id=str(message.metadata.run_id), device=device,
@@ -86,7 +173,9 @@ def handle_train(message: Message, site: Site) -> Message:
             "dp-delta": dp.delta,
             "dp-noise-multiplier": dp.noise_multiplier,
         }
-        return _reply(message, site, data, metrics, net=net)
+        if instructions.local_norm:
+            keep_local_norm(net, site.name, str(message.metadata.run_id))
+        return _reply(message, site, data, metrics, net=net), metrics
     seed = instructions.seed * 1009 + instructions.server_round
     torch.manual_seed(seed)
     result = train_epochs(
@@ -99,6 +188,7 @@ def handle_train(message: Message, site: Site) -> Message:
         device=device,
         seed=seed,
         proximal_mu=instructions.proximal_mu,
+        autocast=autocast_dtype(device, node.mixed_precision),
     )
     log.info("site %s round %d: loss %.4f on %d slices", site.name,
              instructions.server_round, result.loss, result.num_examples)
@@ -107,20 +197,25 @@ def handle_train(message: Message, site: Site) -> Message:
         "train-loss": result.loss,
         "train-steps": result.steps,
     }
-    return _reply(message, site, data, metrics, net=net)
+    if instructions.local_norm:
+        keep_local_norm(net, site.name, str(message.metadata.run_id))
+    return _reply(message, site, data, metrics, net=net), metrics
 
 
-def handle_evaluate(message: Message, site: Site) -> Message:
-    """Dice of the received global model on the site's held-out patients."""
+def _evaluate(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
+              audit: AuditLog) -> tuple[Message, dict[str, Any]]:
     instructions, net, data = _load(message, site)
+    _record_access(audit, message, "evaluate", data)
     if data.num_test == 0:
         raise ValueError(f"site {site.name} has no held-out patients (needs at least 2 patients)")
+    device = select_device(node.device)
     result = evaluate(
         net,
         data.test_images,
         data.test_masks,
-        device=select_device(),
+        device=device,
         threshold=instructions.spec.threshold,
+        autocast=autocast_dtype(device, node.mixed_precision),
     )
     metrics = {
         "num-examples": result.num_examples,
@@ -130,4 +225,14 @@ def handle_evaluate(message: Message, site: Site) -> Message:
         "dice-predicted": result.counts.predicted,
         "dice-truth": result.counts.truth,
     }
-    return _reply(message, site, data, metrics)
+    return _reply(message, site, data, metrics), metrics
+
+
+def handle_train(message: Message, site: Site, node: NodeSettings | None = None) -> Message:
+    """Train the received global model on the site's training patients, within its policy."""
+    return _guarded(message, site, node, "train", _train)
+
+
+def handle_evaluate(message: Message, site: Site, node: NodeSettings | None = None) -> Message:
+    """Dice of the received global model on the site's held-out patients, within its policy."""
+    return _guarded(message, site, node, "evaluate", _evaluate)

@@ -45,12 +45,14 @@ def check_policy(instructions: RoundInstructions, policy: SitePolicy) -> None:
     """Refuse a round that breaks the site's policy, naming the rule."""
     if policy.require_dp and not instructions.dp:
         raise PolicyViolation(
-            f"site policy {policy.source} requires DP ([privacy] require_dp = true) but the run has dp=false"
+            f"site policy {policy.source} requires DP ([privacy] require_dp = true) but the run has dp=false",
+            rule="privacy.require_dp",
         )
     if policy.max_local_epochs is not None and instructions.local_epochs > policy.max_local_epochs:
         raise PolicyViolation(
             f"site policy {policy.source} allows at most {policy.max_local_epochs} local epochs "
-            f"([training] max_local_epochs), the run asks for {instructions.local_epochs}"
+            f"([training] max_local_epochs), the run asks for {instructions.local_epochs}",
+            rule="training.max_local_epochs",
         )
 
 

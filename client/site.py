@@ -8,21 +8,45 @@ from pathlib import Path
 from typing import Any
 
 from imaging.home import fedseg_home
+from imaging.site_cache import load_site_dataset_cached
+from imaging.site_data import SiteDataset
+from imaging.spec import ModelSpec
 
 from .errors import SiteConfigError
+from .sources import DicomWebSource, FolderSource, SiteSource
 
 __all__ = ["Site", "SiteResolver", "site_from_node_config", "PartitionSites"]
 
 
 @dataclass(frozen=True)
 class Site:
-    """A hospital's data folder, the name it reports metrics under, and its local cache."""
+    """A hospital's data source, the name it reports metrics under, and its local files.
+
+    Attributes
+    ----------
+    data_dir : Path
+        The local DICOM folder: the folder source itself, or a PACS source's fetch cache.
+    name : str
+        The site's name (metrics, ledger and audit file names).
+    cache_dir : Path or None
+        Preprocessed slices; None disables that cache.
+    policy_file, ledger_file, audit_file : Path or None
+        Defaults: ``<data_dir>/policy.toml`` (``policy.toml`` beside ``site.toml`` for a site
+        config), ``$FEDSEG_HOME/ledgers/<name>.json``, ``$FEDSEG_HOME/audit/<name>.jsonl``.
+    source : SiteSource or None
+        Where the DICOM comes from; None: the folder ``data_dir``, no selection rules.
+    config_file : Path or None
+        The ``site.toml`` this site was loaded from, if any.
+    """
 
     data_dir: Path
     name: str
-    cache_dir: Path | None = None  # preprocessed slices; None disables the cache
-    policy_file: Path | None = None  # policy.toml; default: the one in data_dir, if any
-    ledger_file: Path | None = None  # privacy ledger; default under $FEDSEG_HOME/ledgers
+    cache_dir: Path | None = None
+    policy_file: Path | None = None
+    ledger_file: Path | None = None
+    source: SiteSource | None = None
+    audit_file: Path | None = None
+    config_file: Path | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -31,6 +55,35 @@ class Site:
     @property
     def policy_path(self) -> Path:
         return self.policy_file or self.data_dir / "policy.toml"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_file or fedseg_home() / "audit" / f"{self.name}.jsonl"
+
+    @property
+    def data_source(self) -> SiteSource:
+        """The configured source, or the folder ``data_dir``."""
+        return self.source or FolderSource(self.data_dir)
+
+    def load_dataset(self, spec: ModelSpec, *, test_fraction: float, seed: int) -> SiteDataset:
+        """Sync the source (a PACS fetches only what changed) and load its selected series.
+
+        Preprocessed slices come from ``cache_dir`` when neither the files, the preprocessing,
+        the split nor the selection rules changed.
+
+        Raises
+        ------
+        client.errors.SourceError
+            The source cannot be read (a missing folder, an unreachable or refusing PACS).
+        imaging.errors.DataError
+            No usable labelled series.
+        """
+        source = self.data_source
+        report = source.sync()
+        return load_site_dataset_cached(
+            report.folder, spec, test_fraction=test_fraction, seed=seed,
+            cache_dir=self.cache_dir, selection=source.selection,
+        )
 
 
 def _optional_path(node_config: Mapping[str, Any], key: str) -> Path | None:
@@ -49,19 +102,40 @@ SiteResolver = Callable[[Mapping[str, Any]], Site]
 
 
 def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
-    """A real SuperNode: ``--node-config "data-dir='/data/dicom' site-name='hospital-a'"``.
+    """A real SuperNode's site, from its ``--node-config``.
 
-    Optional: ``cache-dir`` (default ``$FEDSEG_HOME/cache/site-datasets``; ``none`` disables
-    it), ``policy-file`` (default ``<data-dir>/policy.toml``), ``ledger-file`` (default
-    ``$FEDSEG_HOME/ledgers/<site-name>.json``).
+    Either ``site-config='/etc/fedseg/site.toml'`` (see :mod:`client.site_config`: folder or
+    PACS source, selection rules, policy beside it), or the folder shortcut
+    ``data-dir='/data/dicom' site-name='hospital-a'``, or ``pacs-url='http://pacs/dicom-web'
+    site-name='hospital-a'`` (every series, credentials from the environment).
+
+    Optional with the shortcuts: ``cache-dir`` (default ``$FEDSEG_HOME/cache/site-datasets``;
+    ``none`` disables it), ``policy-file`` (default ``<data-dir>/policy.toml``), ``ledger-file``
+    (default ``$FEDSEG_HOME/ledgers/<site-name>.json``).
     """
-    raw = node_config.get("data-dir")
-    if not raw:
+    given = [k for k in ("site-config", "data-dir", "pacs-url") if str(node_config.get(k, "")).strip()]
+    if len(given) > 1:
+        raise SiteConfigError(f"node config gives {' and '.join(given)}: give only one of them")
+    if given == ["site-config"]:
+        from .site_config import load_site_config
+
+        return load_site_config(Path(str(node_config["site-config"])).expanduser())
+    if given == ["pacs-url"]:
+        name = str(node_config.get("site-name", "")).strip()
+        if not name:
+            raise SiteConfigError("node config with 'pacs-url' needs 'site-name' too")
+        source = DicomWebSource(str(node_config["pacs-url"]),
+                                cache_root=fedseg_home() / "cache" / "dicomweb" / name)
+        return Site(data_dir=source.folder, name=name, cache_dir=_cache_dir(node_config),
+                    policy_file=_optional_path(node_config, "policy-file"),
+                    ledger_file=_optional_path(node_config, "ledger-file"), source=source)
+    if not given:
         raise SiteConfigError(
-            "node config lacks 'data-dir': start the SuperNode with "
+            "node config lacks 'data-dir' or 'site-config': start the SuperNode with "
+            "--node-config \"site-config='/etc/fedseg/site.toml'\" or "
             "--node-config \"data-dir='/path/to/dicom' site-name='my-hospital'\""
         )
-    data_dir = Path(str(raw)).expanduser()
+    data_dir = Path(str(node_config["data-dir"])).expanduser()
     if not data_dir.is_dir():
         raise SiteConfigError(f"data-dir {data_dir} is not a directory")
     name = str(node_config.get("site-name") or data_dir.name)
@@ -77,7 +151,7 @@ class PartitionSites:
     site_dirs: Sequence[Path]
 
     def __call__(self, node_config: Mapping[str, Any]) -> Site:
-        if "data-dir" in node_config:
+        if any(k in node_config for k in ("data-dir", "site-config", "pacs-url")):
             return site_from_node_config(node_config)
         try:
             index = int(node_config["partition-id"])

@@ -46,6 +46,7 @@ class RoundInstructions:
     max_grad_norm: float = 1.0
     delta: float = 0.0  # 0: below 1/N of the site's training samples
     proximal_mu: float = 0.0  # FedProx: sent by Flower's FedProx as "proximal-mu"
+    local_norm: bool = False  # FedBN-style: each site keeps its own normalisation layers
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -84,6 +85,7 @@ class RoundInstructions:
             "target-epsilon": self.target_epsilon,
             "max-grad-norm": self.max_grad_norm,
             "dp-delta": self.delta,
+            "local-norm": self.local_norm,
         }
 
     @classmethod
@@ -105,4 +107,5 @@ class RoundInstructions:
             max_grad_norm=float(config.get("max-grad-norm", 1.0)),
             delta=float(config.get("dp-delta", 0.0)),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
+            local_norm=bool(config.get("local-norm", False)),
         )

@@ -48,9 +48,24 @@ def load_state_dict(spec: ModelSpec, state: dict[str, torch.Tensor]) -> torch.nn
 
 
 def select_device(preferred: str = "auto") -> torch.device:
-    """The GPU when there is one (or when asked), else the CPU."""
-    if preferred == "auto":
+    """The device a node trains on: ``auto`` (the GPU when there is one), ``cpu``, ``cuda``, ``cuda:N``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown device name, or a CUDA device that this machine does not have.
+    """
+    name = str(preferred).strip().lower() or "auto"
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preferred.startswith("cuda") and not torch.cuda.is_available():
+    if name == "cpu":
+        return torch.device("cpu")
+    index_text = name[5:] if name.startswith("cuda:") else ""
+    if name != "cuda" and not index_text.isdigit():
+        raise ConfigError(f"unknown device {preferred!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
         raise ConfigError(f"device {preferred!r} requested but no CUDA GPU is available")
-    return torch.device(preferred)
+    if index_text and int(index_text) >= torch.cuda.device_count():
+        raise ConfigError(f"device {preferred!r} requested but this machine has "
+                          f"{torch.cuda.device_count()} CUDA GPU(s)")
+    return torch.device(name)

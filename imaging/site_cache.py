@@ -1,9 +1,10 @@
 """A site-local cache of preprocessed slices, so later rounds do not re-read every DICOM file.
 
 The key covers the folder's files (relative path, size, modification time), the preprocessing
-fields of the spec and the split, so a changed, added or removed file, or another preprocessing,
-misses the cache. Entries are written atomically; a corrupt entry is ignored and rewritten.
-The cache holds pixels: it lives on the site's own disk (``$FEDSEG_HOME/cache``) and never leaves.
+fields of the spec, the split and the series selection rules, so a changed, added or removed
+file, another preprocessing or other selection rules miss the cache. Entries are written
+atomically; a corrupt entry is ignored and rewritten. The cache holds pixels: it lives on the
+site's own disk (``$FEDSEG_HOME/cache``) and never leaves.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .selection import SeriesSelection
 from .site_data import SiteDataset, load_site_dataset
 from .site_folder import FileProblem
 from .spec import ModelSpec
@@ -26,14 +28,18 @@ CACHE_FORMAT = 2
 _ARRAYS = ("train_images", "train_masks", "test_images", "test_masks")
 
 
-def site_fingerprint(root: Path, spec: ModelSpec, test_fraction: float, seed: int) -> str:
-    """SHA-256 over the folder's file list and stats and the preprocessing settings."""
+def site_fingerprint(
+    root: Path, spec: ModelSpec, test_fraction: float, seed: int,
+    selection: SeriesSelection | None = None,
+) -> str:
+    """SHA-256 over the folder's file list and stats, the preprocessing and the selection."""
     root = Path(root).resolve()
     h = hashlib.sha256()
     preprocessing = {
         "format": CACHE_FORMAT, "root": str(root), "image_size": spec.image_size,
         "lower": spec.lower_percentile, "upper": spec.upper_percentile,
         "test_fraction": test_fraction, "seed": seed,
+        "selection": (selection or SeriesSelection()).to_dict(),
     }
     h.update(json.dumps(preprocessing, sort_keys=True).encode())
     for dirpath, dirnames, filenames in os.walk(root):
@@ -88,18 +94,21 @@ def _write(entry: Path, data: SiteDataset) -> None:
 
 
 def load_site_dataset_cached(
-    root: Path, spec: ModelSpec, *, test_fraction: float, seed: int, cache_dir: Path | None
+    root: Path, spec: ModelSpec, *, test_fraction: float, seed: int, cache_dir: Path | None,
+    selection: SeriesSelection | None = None,
 ) -> SiteDataset:
     """:func:`load_site_dataset`, served from ``cache_dir`` when the folder has not changed."""
     if cache_dir is None:
-        return load_site_dataset(root, spec, test_fraction=test_fraction, seed=seed)
+        return load_site_dataset(root, spec, test_fraction=test_fraction, seed=seed,
+                                 selection=selection)
     prefix = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
-    entry = Path(cache_dir) / f"{prefix}-{site_fingerprint(root, spec, test_fraction, seed)}.npz"
+    fingerprint = site_fingerprint(root, spec, test_fraction, seed, selection)
+    entry = Path(cache_dir) / f"{prefix}-{fingerprint}.npz"
     if entry.exists():
         cached = _read(entry)
         if cached is not None:
             return cached
-    data = load_site_dataset(root, spec, test_fraction=test_fraction, seed=seed)
+    data = load_site_dataset(root, spec, test_fraction=test_fraction, seed=seed, selection=selection)
     _write(entry, data)
     for stale in Path(cache_dir).glob(f"{prefix}-*.npz"):  # older states of this folder
         if stale != entry:

@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import DataError, ImagingError
 from .preprocess import preprocess_image, preprocess_mask
+from .selection import SeriesSelection
 from .site_folder import FileProblem, load_case, scan_site
 from .site_stats import InputStatsBuilder
 from .spec import ModelSpec
@@ -64,19 +65,29 @@ def _stack(arrays: list[np.ndarray], size: int, dtype: type) -> np.ndarray:
 
 
 def load_site_dataset(
-    root: Path, spec: ModelSpec, *, test_fraction: float, seed: int
+    root: Path,
+    spec: ModelSpec,
+    *,
+    test_fraction: float,
+    seed: int,
+    selection: SeriesSelection | None = None,
 ) -> SiteDataset:
-    """Read every labelled series under ``root`` and preprocess it for ``spec``.
+    """Read every labelled series under ``root`` that ``selection`` keeps; preprocess for ``spec``.
 
     Series without a SEG are counted and left out of training (they have no ground truth); a
-    series that cannot be read is recorded in ``problems`` and left out.
+    series that cannot be read is recorded in ``problems`` and left out; a series that the
+    selection rules exclude is left out silently.
     """
     scan = scan_site(Path(root))
-    labelled = [case for case in scan.cases if case.seg_file is not None]
+    rules = selection or SeriesSelection()
+    cases = [c for c in scan.cases
+             if rules.reason_to_exclude(c.modality, c.series_description, len(c.files)) is None]
+    labelled = [case for case in cases if case.seg_file is not None]
     if not labelled:
         raise DataError(
-            f"no series with a DICOM SEG found under {root} "
-            f"({len(scan.cases)} series without SEG, {len(scan.problems)} unreadable files)"
+            f"no selected series with a DICOM SEG found under {root} "
+            f"({len(cases)} selected series without SEG, {len(scan.cases) - len(cases)} series "
+            f"excluded by the selection rules, {len(scan.problems)} unreadable files)"
         )
     train_ids, test_ids = split_patients([c.patient_id for c in labelled], test_fraction, seed)
     buckets: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
@@ -106,7 +117,7 @@ def load_site_dataset(
         test_masks=_stack(buckets["test"][1], s, np.uint8),
         train_patients=len(train_ids),
         test_patients=len(test_ids),
-        cases_without_seg=len(scan.cases) - len(labelled),
+        cases_without_seg=len(cases) - len(labelled),
         problems=problems,
         vendors=vendors,
         input_stats=stats.stats(),

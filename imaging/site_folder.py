@@ -42,6 +42,8 @@ class Case:
         The DICOM SEG referencing the series, if any.
     modality : str
         The series' Modality.
+    series_description : str
+        The series' SeriesDescription (for selection rules).
     """
 
     series_uid: str
@@ -49,6 +51,7 @@ class Case:
     files: tuple[Path, ...]
     seg_file: Path | None = None
     modality: str = ""
+    series_description: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def scan_site(root: Path) -> SiteScan:
 
     problems: list[FileProblem] = []
     series_files: dict[str, list[Path]] = defaultdict(list)
-    series_info: dict[str, tuple[str, str]] = {}
+    series_info: dict[str, tuple[str, str, str]] = {}
     segs: dict[str, list[Path]] = defaultdict(list)
     for path in _walk(root):
         try:
@@ -135,17 +138,17 @@ def scan_site(root: Path) -> SiteScan:
             problems.append(FileProblem(path, "multi-frame images are not supported"))
             continue
         series_files[uid].append(path)
-        series_info.setdefault(uid, (str(getattr(ds, "PatientID", "")), str(ds.get("Modality", ""))))
+        series_info.setdefault(uid, (str(getattr(ds, "PatientID", "")), str(ds.get("Modality", "")),
+                                     str(ds.get("SeriesDescription", "") or "")))
 
     cases: list[Case] = []
     for uid, files in series_files.items():
         seg_paths = sorted(segs.pop(uid, []))
         for extra in seg_paths[1:]:
             problems.append(FileProblem(extra, f"another SEG for series {uid}; using {seg_paths[0]}"))
-        patient_id, modality = series_info[uid]
-        cases.append(
-            Case(uid, patient_id, tuple(sorted(files)), seg_paths[0] if seg_paths else None, modality)
-        )
+        patient_id, modality, description = series_info[uid]
+        cases.append(Case(uid, patient_id, tuple(sorted(files)), seg_paths[0] if seg_paths else None,
+                          modality, description))
     for uid, paths in segs.items():
         problems.extend(FileProblem(p, f"SEG references series {uid}, not in the folder") for p in paths)
     cases.sort(key=lambda c: (c.patient_id, c.series_uid))

@@ -1,16 +1,35 @@
-"""Local train and evaluate loops on 2-D slices, shared by sites, benchmarks and tests."""
+"""Local train and evaluate loops on 2-D slices, shared by sites, benchmarks and tests.
+
+Mixed precision (``autocast``): on a CUDA device only, ``torch.autocast`` around the forward
+pass and the loss, with a ``GradScaler`` for float16 (bfloat16 needs none). On the CPU, and with
+``autocast=None``, the loops run exactly the float32 operations they always did.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
+from .errors import ConfigError
 from .metrics import DiceCounts
 
-__all__ = ["TrainResult", "EvalResult", "train_epochs", "evaluate", "predict_probabilities"]
+__all__ = [
+    "PRECISION_SETTINGS",
+    "TrainResult",
+    "EvalResult",
+    "autocast_dtype",
+    "train_epochs",
+    "evaluate",
+    "predict_probabilities",
+]
+
+#: Accepted values of a node's ``mixed-precision`` setting.
+PRECISION_SETTINGS = ("auto", "true", "false", "fp16", "float16", "bf16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,34 @@ def _loss() -> torch.nn.Module:
     return DiceCELoss(sigmoid=True, batch=True)
 
 
+def autocast_dtype(device: torch.device, setting: str = "auto", *, dp: bool = False) -> torch.dtype | None:
+    """The autocast dtype for ``device`` and a node's ``mixed-precision`` setting; None: float32.
+
+    ``auto`` and ``true`` mean float16 on CUDA. Never on a CPU. Never under DP-SGD (``dp``):
+    Opacus 1.6 clips per-sample gradients inside ``optimizer.step()``, and a GradScaler would
+    hand it scaled gradients, so ``max-grad-norm`` (and with it the privacy guarantee) would
+    apply to the wrong norms.
+    """
+    setting = str(setting).strip().lower()
+    if setting not in PRECISION_SETTINGS:
+        raise ConfigError(f"mixed-precision={setting!r}: use one of {', '.join(PRECISION_SETTINGS)}")
+    if device.type != "cuda" or dp or setting == "false":
+        return None
+    if setting in ("bf16", "bfloat16"):
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"mixed-precision={setting!r}: this GPU does not support bfloat16")
+        return torch.bfloat16
+    return torch.float16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
+    if dtype is None:
+        return contextlib.nullcontext
+    if device.type != "cuda":
+        raise ConfigError(f"mixed precision ({dtype}) needs a CUDA device, not {device}")
+    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+
+
 def train_epochs(
     net: torch.nn.Module,
     images: np.ndarray,
@@ -52,10 +99,12 @@ def train_epochs(
     device: torch.device,
     seed: int = 0,
     proximal_mu: float = 0.0,
+    autocast: torch.dtype | None = None,
 ) -> TrainResult:
     """Train ``net`` in place with Adam for ``epochs`` passes over ``(slices, S, S)`` arrays.
 
     ``proximal_mu > 0`` adds FedProx's term ``mu / 2 * ||w - w_start||^2`` to the loss.
+    ``autocast`` (CUDA only, see :func:`autocast_dtype`) runs the forward pass in that dtype.
     """
     if len(images) == 0:
         raise ValueError("no training slices")
@@ -65,6 +114,8 @@ def train_epochs(
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
     loss_fn = _loss()
     anchor = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
+    mixed = _autocast(device, autocast)
+    scaler = torch.amp.GradScaler("cuda") if autocast == torch.float16 else None
     steps, epoch_loss = 0, 0.0
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
@@ -73,13 +124,19 @@ def train_epochs(
             idx = order[start : start + batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(xb), yb)
+            with mixed():
+                loss = loss_fn(net(xb), yb)
             if anchor:
                 loss = loss + proximal_mu / 2 * sum(
                     (p - a).pow(2).sum() for p, a in zip(net.parameters(), anchor)
                 )
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             total += float(loss.detach())
             batches += 1
             steps += 1
@@ -110,16 +167,19 @@ def evaluate(
     device: torch.device,
     batch_size: int = 32,
     threshold: float = 0.5,
+    autocast: torch.dtype | None = None,
 ) -> EvalResult:
-    """Loss and pooled Dice counts of ``net`` on preprocessed slices."""
+    """Loss and pooled Dice counts of ``net`` on preprocessed slices (``autocast``: CUDA only)."""
     net.to(device).eval()
     x, y = _tensors(images, masks)
     loss_fn = _loss()
+    mixed = _autocast(device, autocast)
     counts, total, batches = DiceCounts(), 0.0, 0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
-        logits = net(xb)
-        total += float(loss_fn(logits, yb))
+        with mixed():
+            logits = net(xb)
+            total += float(loss_fn(logits, yb))
         batches += 1
-        counts.update(torch.sigmoid(logits) >= threshold, yb > 0.5)
+        counts.update(torch.sigmoid(logits.float()) >= threshold, yb > 0.5)
     return EvalResult(loss=total / max(batches, 1), counts=counts, num_examples=len(x))

@@ -70,6 +70,7 @@ class FederationConfig:
                 target_epsilon=get("target-epsilon", float),
                 max_grad_norm=get("max-grad-norm", float),
                 delta=get("dp-delta", float),
+                local_norm=get("local-norm", _bool),
             )
             strategy = StrategySettings(
                 name=get("strategy", str).lower(),
@@ -140,6 +141,7 @@ class FederationConfig:
             "target-epsilon": i.target_epsilon,
             "max-grad-norm": i.max_grad_norm,
             "dp-delta": i.delta,
+            "local-norm": i.local_norm,
             "client-dp": self.strategy.client_dp,
             "client-dp-noise": self.strategy.client_dp_noise,
             "client-dp-clip": self.strategy.client_dp_clip,

@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated $FEDSEG_HOME and small synthetic hospitals."""
+"""Shared fixtures: an isolated $FEDSEG_HOME, small synthetic hospitals, a real Orthanc (`orthanc`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from orthanc import orthanc  # noqa: F401  (fixture: a real Orthanc PACS, see tests/orthanc.py)
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 

@@ -93,7 +93,7 @@ def test_simulation_refuses_an_over_budget_site_and_goes_on(synthetic_sites: lis
     run = subprocess.run(
         [sys.executable, "-m", "fedseg.cli", "simulate", "run", "--sites-dir", str(sites), "--run-config",
          "num-server-rounds=2 image-size=32 unet-channels='8,16' batch-size=8 dp=true noise-multiplier=0.7 "
-         "model-name='dp-unet' consortium='c-test'"],
+         "model-name='dp-unet' consortium='c-test' min-sites=1"],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]

@@ -196,3 +196,45 @@ def test_norm_parameter_names_of_the_monai_unet(norm: str) -> None:
     assert norm_parameter_names([f"_module.{k}" for k in keys], net) == {f"_module.{k}" for k in names}
     shared, local = split_norm(net.state_dict(), names)
     assert set(local) == names and len(shared) == 26
+
+
+def test_local_norm_keeps_each_sites_normalisation_layers(synthetic_sites, fedseg_home) -> None:
+    """FedBN-style: each site trains and evaluates with its own norm layers, not the averages."""
+    import torch
+    from local_grid import LocalGrid
+
+    from client.app import create_client_app
+    from client.local_norm import local_norm_path
+    from client.site import PartitionSites
+    from imaging.model import build_unet
+    from imaging.norm_layers import norm_parameter_names
+    from registry import default_store, load_model
+    from server.config import FederationConfig
+    from server.federation import run_federation
+    from simulation.engine import default_app_dir, fused_run_config
+
+    config = FederationConfig.from_run_config(fused_run_config(
+        default_app_dir(), "num-server-rounds=2 image-size=32 unet-channels='8,16' batch-size=8 local-norm=true"))
+    grid = LocalGrid(create_client_app(PartitionSites(tuple(synthetic_sites))), len(synthetic_sites))
+    outcome = run_federation(grid, config, default_store(), progress=lambda _: None)
+    own = {s.name: torch.load(local_norm_path(s.name, "1"), weights_only=True) for s in synthetic_sites}
+    names = norm_parameter_names(build_unet(config.instructions.spec).state_dict().keys(),
+                                 build_unet(config.instructions.spec))
+    assert set(own["site-a"]) == set(names) and len(names) > 0
+    published = load_model(default_store(), f"models:/fedseg-unet/{outcome.published.version}").state_dict
+    key = sorted(names)[0]
+    assert not torch.equal(own["site-a"][key], own["site-b"][key])
+    assert not torch.equal(own["site-a"][key], published[key])  # the average is not what a site uses
+    # what a site keeps is what it trained last round
+    last_a = [r for r in grid.replies if r.metadata.message_type == "train"
+              and r.content["site"]["site-name"] == "site-a"][-1]
+    sent = last_a.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(sent[k], own["site-a"][k]) for k in names)
+    # and a global model received next is overwritten with the site's own layers
+    from client.local_norm import apply_local_norm
+
+    net = build_unet(config.instructions.spec)
+    net.load_state_dict(published)
+    assert apply_local_norm(net, "site-a", "1") == len(names)
+    assert torch.equal(net.state_dict()[key], own["site-a"][key])
+    assert apply_local_norm(net, "site-a", "2") == 0  # another run starts from the global layers
