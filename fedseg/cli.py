@@ -13,6 +13,7 @@ _GROUPS: dict[str, str] = {
     "registry": "registry.cli:registry",
     "serve": "serving.cli:serve",
     "site": "client.cli:site",
+    "pki": "privacy.cli:pki",
 }
 
 

@@ -5,7 +5,7 @@ Every error raised on purpose by :mod:`privacy` derives from :class:`PrivacyErro
 
 from __future__ import annotations
 
-__all__ = ["PrivacyError", "PrivacyConfigError", "BudgetExceededError", "LedgerError"]
+__all__ = ["PrivacyError", "PrivacyConfigError", "BudgetExceededError", "LedgerError", "PkiError"]
 
 
 class PrivacyError(Exception):
@@ -46,3 +46,8 @@ class BudgetExceededError(PrivacyError):
 
 class LedgerError(PrivacyError):
     """The privacy ledger cannot be read, written or composed (corrupt file, mixed δ...)."""
+
+
+class PkiError(PrivacyError):
+    """A key or certificate cannot be created, read or used (missing CA, wrong format, a file
+    that would be overwritten without ``force``)."""
