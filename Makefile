@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast test-cicd bench-quality bench-privacy clean
+.PHONY: install demo test test-fast test-cicd bench-quality bench-privacy bench-robustness bench-aggregation bench-serving clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -36,6 +36,15 @@ bench-quality: install
 
 bench-privacy: install
 	$(PY) bench/privacy_bench.py
+
+bench-robustness: install
+	$(PY) bench/robustness.py
+
+bench-aggregation: install
+	$(PY) bench/aggregation_bench.py
+
+bench-serving: install
+	$(PY) bench/serving_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from .arrays import decode_array, declared_mismatch
 from .site_metrics import update_norm
 
 log = logging.getLogger("fedseg.aggregation")
@@ -48,6 +49,8 @@ __all__ = [
 OnReject = Callable[[int, str, str], None]
 # array key -> (shape, numpy dtype name)
 Schema = Mapping[str, tuple[tuple[int, ...], str]]
+# array key -> values (read-only views of the reply's bytes, see aggregation.arrays)
+Decoded = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,27 @@ def schema_problems(record: ArrayRecord, expected: Schema, limit: int = 3) -> li
 
 def non_finite_keys(record: ArrayRecord) -> dict[str, int]:
     """``key -> number of NaN/inf values`` for every floating array that holds any."""
+    return _non_finite({key: decode_array(array) for key, array in record.items()})
+
+
+def _non_finite(decoded: Decoded) -> dict[str, int]:
     out = {}
-    for key, array in record.items():
-        values = array.numpy()
+    for key, values in decoded.items():
         if np.issubdtype(values.dtype, np.inexact):
             bad = int(values.size - np.count_nonzero(np.isfinite(values)))
             if bad:
                 out[key] = bad
     return out
+
+
+def _update_norm(reference: Decoded, update: Decoded) -> float:
+    """:func:`update_norm` on decoded arrays, ``reference`` already in float64 (same sums)."""
+    total = 0.0
+    for key, values in update.items():
+        if key in reference:
+            diff = values.astype(np.float64) - reference[key]
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
 
 
 def arrays_digest(record: ArrayRecord) -> str:
@@ -168,8 +184,9 @@ class ValidatingStrategy(Strategy):
     Notes
     -----
     Checks, in order: stale round, same node twice, reply shape (one ArrayRecord, one
-    MetricRecord, weight), schema, non-finite values, byte-identical arrays from several
-    nodes, update norm. A node that replied twice, and every node of a group of byte-identical
+    MetricRecord, weight), schema (each array's declared shape and dtype, and what its bytes
+    actually hold, which is what the strategy aggregates; bytes that do not decode are
+    malformed), non-finite values, byte-identical arrays from several nodes, update norm. A node that replied twice, and every node of a group of byte-identical
     updates, are all refused: which copy is genuine cannot be told. Error replies are passed to
     ``inner`` untouched. When no reply survives, ``aggregate_train`` returns ``(None, None)``
     without calling ``inner``.
@@ -198,6 +215,7 @@ class ValidatingStrategy(Strategy):
         self.rejections: list[Rejection] = []  # the last aggregated round's
         self._round: int | None = None
         self._sent_arrays: ArrayRecord | None = None
+        self._sent_float64: dict[str, np.ndarray] | None = None  # decoded once per round
         self._sent: list[Message] = []
 
     def summary(self) -> None:
@@ -212,6 +230,7 @@ class ValidatingStrategy(Strategy):
         if self.expected is None:
             self.expected = schema_of(arrays)
         self._round, self._sent_arrays, self._sent = server_round, arrays, messages
+        self._sent_float64 = None
         return messages
 
     def configure_evaluate(
@@ -252,6 +271,7 @@ class ValidatingStrategy(Strategy):
     ) -> tuple[list[Message], list[Rejection]]:
         """(replies to aggregate, in their order; refusals). Does not call ``on_reject``."""
         reasons: dict[int, str] = {}  # index in replies -> reason
+        decoded: dict[int, Decoded] = {}  # index -> its arrays, decoded once for every check
         content = [i for i, m in enumerate(replies) if not m.has_error()]
 
         for i in content:
@@ -268,12 +288,12 @@ class ValidatingStrategy(Strategy):
         for i in content:
             if i in reasons:
                 continue
-            problem = self._content_problem(replies[i], self.expected)
+            problem = self._content_problem(replies[i], self.expected, decoded, i)
             if problem:
                 reasons[i] = problem
 
         self._identical(replies, [i for i in content if i not in reasons], reasons)
-        self._outliers(replies, [i for i in content if i not in reasons], reasons)
+        self._outliers(decoded, [i for i in content if i not in reasons], reasons)
 
         kept = [m for i, m in enumerate(replies) if i not in reasons]
         rejected = [
@@ -294,7 +314,9 @@ class ValidatingStrategy(Strategy):
             )
         return None
 
-    def _content_problem(self, reply: Message, expected: Schema | None) -> str | None:
+    def _content_problem(
+        self, reply: Message, expected: Schema | None, decoded: dict[int, Decoded], index: int
+    ) -> str | None:
         malformed = _malformed(reply, self.weight_key)
         if malformed:
             return f"malformed: {malformed}"
@@ -303,7 +325,17 @@ class ValidatingStrategy(Strategy):
             problems = schema_problems(arrays, expected)
             if problems:
                 return "schema: " + "; ".join(problems)
-        bad = non_finite_keys(arrays)
+        values: dict[str, np.ndarray] = {}
+        for key, array in arrays.items():
+            try:
+                values[key] = decode_array(array)
+            except Exception as exc:  # np.load on hostile bytes: ValueError, EOFError, TypeError...
+                return f"malformed: array {key!r} cannot be decoded ({type(exc).__name__}: {exc})"
+        wrong = [(k, m) for k in values if (m := declared_mismatch(arrays[k], values[k]))]
+        if wrong:
+            return "schema: " + "; ".join(f"{k!r} {m}" for k, m in wrong[:3])
+        decoded[index] = values
+        bad = _non_finite(values)
         if bad:
             total = sum(bad.values())
             return f"non-finite: {total} NaN/inf value(s) in {_names(list(bad), 3)}"
@@ -321,13 +353,14 @@ class ValidatingStrategy(Strategy):
                 others = ", ".join(str(n) for n in nodes if n != node)
                 reasons[i] = f"duplicate: arrays byte-identical to those of node(s) {others}"
 
-    def _outliers(self, replies: list[Message], candidates: list[int], reasons: dict[int, str]) -> None:
+    def _outliers(self, decoded: dict[int, Decoded], candidates: list[int], reasons: dict[int, str]) -> None:
         if self._sent_arrays is None or len(candidates) < 3:
             return
-        norms = {
-            i: update_norm(self._sent_arrays, next(iter(replies[i].content.array_records.values())))
-            for i in candidates
-        }
+        if self._sent_float64 is None:
+            self._sent_float64 = {
+                key: decode_array(array).astype(np.float64) for key, array in self._sent_arrays.items()
+            }
+        norms = {i: _update_norm(self._sent_float64, decoded[i]) for i in candidates}
         median = statistics.median(norms.values())
         if median <= 0:
             return

@@ -256,3 +256,80 @@ def test_aggregation_does_not_depend_on_the_order_replies_arrive_in() -> None:
     backward, _ = strategy.aggregate_train(1, list(reversed(replies)))
     for key in forward:
         assert forward[key].numpy().tobytes() == backward[key].numpy().tobytes()
+
+
+def test_an_array_whose_bytes_hold_another_shape_than_declared_is_rejected(setup) -> None:  # noqa: ANN001
+    """The schema check reads each Array's declaration, FedAvg its bytes: both must agree, or a
+    single value would broadcast into a whole layer past every other check."""
+    from flwr.app import Array
+
+    strategy, inner, rejected = setup
+    rnd = Round(strategy)
+    replies = rnd.clean()
+    scalar = Array(np.array([5.0], dtype=np.float32))
+    forged = Array(dtype="float32", shape=(2,), stype=scalar.stype, data=scalar.data)
+    replies[1] = rnd.reply(1, _arrays(0.1, seed=1, **{"conv.bias": None}))
+    replies[1].content["arrays"]["conv.bias"] = forged
+    strategy.aggregate_train(1, replies)
+    ((_, site, message),) = rejected
+    assert site == "site-1"
+    assert message == "schema: 'conv.bias' holds shape (1,) float32 but declares (2,) float32"
+    assert len(inner.seen[0]) == 4
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.arange(6, dtype=np.float32).reshape(2, 3), np.float64(2.5), np.arange(4, dtype=np.int64),
+     np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.arange(3, dtype=">f4"),
+     np.zeros((0, 3), dtype=np.float32), np.array([True, False])],
+    ids=["float32", "scalar", "int64", "fortran", "big-endian", "empty", "bool"],
+)
+def test_the_fast_decoder_gives_what_array_numpy_gives(values: np.ndarray) -> None:
+    from flwr.app import Array
+
+    from aggregation.arrays import decode_array
+
+    array = Array(np.asarray(values))
+    fast, slow = decode_array(array), array.numpy()
+    assert fast.dtype == slow.dtype and fast.shape == slow.shape
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_an_array_whose_bytes_do_not_decode_is_rejected_not_a_crash(setup) -> None:  # noqa: ANN001
+    from flwr.app import Array
+
+    strategy, inner, rejected = setup
+    rnd = Round(strategy)
+    replies = rnd.clean()
+    good = replies[3].content["arrays"]["conv.bias"]
+    replies[3].content["arrays"]["conv.bias"] = Array(dtype=good.dtype, shape=tuple(good.shape),
+                                                      stype=good.stype, data=b"\x93NUMPY garbage")
+    strategy.aggregate_train(1, replies)
+    ((_, site, message),) = rejected
+    assert site == "site-3" and message.startswith("malformed: array 'conv.bias' cannot be decoded")
+    assert len(inner.seen[0]) == 4
+
+
+def test_the_servers_full_chain_rejects_misshapen_replies_instead_of_crashing() -> None:
+    """Site reporting computes update norms before validation runs: a reply of the wrong shape
+    or with undecodable bytes must reach validation (and be refused), not break the round."""
+    from flwr.app import Array
+
+    from aggregation import SiteReportingStrategy
+
+    inner, rejected, reported = Recording(), [], []
+    chain = SiteReportingStrategy(
+        ValidatingStrategy(inner, on_reject=lambda r, s, m: rejected.append((s, m))),
+        lambda phase, rnd, sites, errors: reported.extend(sites),
+    )
+    rnd = Round(chain)
+    replies = rnd.clean()
+    replies[0] = rnd.reply(0, _arrays(0.1, seed=9, **{"conv.weight": np.zeros((3, 2), dtype=np.float32)}))
+    good = replies[1].content["arrays"]["conv.bias"]
+    replies[1].content["arrays"]["conv.bias"] = Array(dtype=good.dtype, shape=tuple(good.shape),
+                                                      stype=good.stype, data=b"\x93NUMPY garbage")
+    arrays, _ = chain.aggregate_train(1, replies)
+    assert arrays is not None and len(inner.seen[0]) == 3
+    assert [s for s, _ in rejected] == ["site-0", "site-1"]
+    norms = {s.site: s.metrics.get("update-norm") for s in reported}
+    assert norms["site-0"] is None and norms["site-1"] is None and norms["site-2"] > 0

@@ -1,0 +1,90 @@
+"""Robustness with figures: one of five hospitals misbehaves, the global model does not suffer.
+
+Five 64 px synthetic hospitals, the demo's run config (6 rounds x 2 local epochs), every round
+through the real ServerApp logic and ClientApp (see ``robustness_scenarios.py``). Seeded, so
+the figures are the same on every run on one machine; ``bench/robustness.py`` records them in
+BENCHMARKS.md. Measured on a 2-core Xeon (pooled Dice of the final model):
+clean FedAvg 0.826; NaN site 0.850 = the reference without that site's update, to the bit;
+sign-flip x5 FedAvg 0.027, FedMedian 0.819.
+
+What "Dice unaffected" means here: a rejected update must have no influence at all, so the run
+with a NaN site is compared with the run in which that site sends no update (it drops out of
+every training round but still evaluates), and the published weights must be identical. The
+clean five-site run is not the right reference: it also has the attacker's honest data, and
+losing one site of five moves the final Dice by about 0.02 (0.826 vs 0.850 measured), more than
+a tolerance of 0.01 would allow, for reasons unrelated to the NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from robustness_scenarios import ATTACKER, SCENARIOS, ScenarioResult, run_scenario, write_sites
+
+pytestmark = [pytest.mark.robustness, pytest.mark.slow]
+
+# The clean run must really learn, or "no degradation" would mean nothing.
+MIN_CLEAN_DICE = 0.6
+# Issue #6: a robust strategy under attack stays within 0.03 Dice of the clean run.
+ROBUST_TOLERANCE = 0.03
+# FedAvg under the same attack must lose at least this much (measured: 0.80, 0.826 -> 0.027):
+# ten times the robust tolerance, so the two outcomes cannot be confused.
+FEDAVG_MIN_DROP = 0.30
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory):
+    """``scenario(name)`` runs a scenario of ``SCENARIOS`` once per module and caches it."""
+    root = tmp_path_factory.mktemp("robustness")
+    sites = write_sites(root / "sites")
+    done: dict[str, ScenarioResult] = {}
+
+    def get(name: str) -> ScenarioResult:
+        if name not in done:
+            done[name] = run_scenario(sites, SCENARIOS[name], root / "home")
+        return done[name]
+
+    return get
+
+
+def _rejected_steps(result: ScenarioResult, site: str) -> list[int]:
+    client = result.store.client()
+    return [m.step for m in client.get_metric_history(result.run_id, f"site/{site}/train/rejected")]
+
+
+def test_a_nan_site_is_rejected_every_round_and_has_no_influence(scenario) -> None:
+    clean, nan, absent = scenario("clean/fedavg"), scenario("nan/fedavg"), scenario("absent/fedavg")
+    rounds = len(clean.rounds)
+    assert clean.metrics["dice_pooled"] > MIN_CLEAN_DICE, clean.rounds
+
+    # rejected by validation in every round, named with its reason, and counted per site in MLflow
+    assert len(nan.rejections) == rounds
+    assert all(f"rejected the update of {ATTACKER}: non-finite" in line for line in nan.rejections)
+    assert _rejected_steps(nan, ATTACKER) == list(range(1, rounds + 1))
+    assert all(_rejected_steps(nan, s) == [] for s in ("site-a", "site-b", "site-c", "site-d"))
+    assert _rejected_steps(clean, ATTACKER) == []
+
+    # no influence: the same weights as the run in which that site sends no update at all
+    nan_state, absent_state = nan.state_dict(), absent.state_dict()
+    assert nan_state.keys() == absent_state.keys()
+    assert all(torch.isfinite(v).all() for v in nan_state.values())
+    assert all(torch.equal(nan_state[k], absent_state[k]) for k in nan_state)
+    assert nan.metrics == absent.metrics
+    assert nan.metrics["dice_pooled"] > MIN_CLEAN_DICE
+
+
+def test_a_robust_strategy_survives_a_sign_flipping_site_that_breaks_fedavg(scenario) -> None:
+    clean = scenario("clean/fedavg")
+    fedavg, median = scenario("signflip5/fedavg"), scenario("signflip5/fedmedian")
+    assert clean.metrics["dice_pooled"] > MIN_CLEAN_DICE, clean.rounds
+
+    # the flipped update is 5x an honest one: within the norm bound (10x the median), so it is
+    # not rejected; whatever happens is the strategy's doing
+    assert fedavg.rejections == [] and median.rejections == []
+    assert _rejected_steps(fedavg, ATTACKER) == []
+
+    drop = clean.metrics["dice_pooled"] - fedavg.metrics["dice_pooled"]
+    assert drop >= FEDAVG_MIN_DROP, fedavg.rounds
+    assert abs(median.metrics["dice_pooled"] - clean.metrics["dice_pooled"]) <= ROBUST_TOLERANCE, median.rounds
+    # the worst site too, not only the pooled figure
+    assert median.metrics["dice_min"] > clean.metrics["dice_min"] - 2 * ROBUST_TOLERANCE, median.rounds
