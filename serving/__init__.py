@@ -15,6 +15,7 @@ from .errors import (
     UploadError,
     UploadTooLargeError,
 )
+from .models import ModelManager, registry_resolver
 from .predictor import Prediction, Predictor, triage_score
 from .rle import rle_decode, rle_encode
 from .settings import ServingSettings
@@ -23,6 +24,8 @@ __all__ = [
     "create_app",
     "registry_loader",
     "ModelLoader",
+    "ModelManager",
+    "registry_resolver",
     "ServingSettings",
     "Predictor",
     "Prediction",

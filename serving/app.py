@@ -3,55 +3,67 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from imaging.errors import ImagingError
-from registry.errors import RegistryError
 from registry.load import LoadedModel, load_model
 from registry.store import default_store
 
+from .drift import DriftCollector, DriftMonitor, recording_references
+from .jobs import JobService
+from .metrics import MetricsMiddleware, ServingMetrics
+from .models import ModelLoader, ModelManager, VersionResolver, registry_resolver
 from .predictor import Predictor
 from .routes import health_router, predict_router
+from .routes.health import oip_router as oip_health_router
+from .routes.models import admin_router as models_admin_router
+from .routes.models import router as models_router
+from .routes.drift import router as drift_router
+from .routes.jobs import router as jobs_router
+from .routes.metrics import router as metrics_router
+from .routes.triage import router as triage_router
+from .routes.ui import router as ui_router
+from .security import install_security
 from .settings import ServingSettings
-from .state import ModelState
 
-__all__ = ["ModelLoader", "create_app", "registry_loader"]
+__all__ = ["ModelLoader", "create_app", "registry_loader", "registry_resolver"]
 
 log = logging.getLogger(__name__)
-
-#: Loads a model URI; the seam that tests and the CLI replace.
-ModelLoader = Callable[[str], LoadedModel]
-
 
 def registry_loader(uri: str) -> LoadedModel:
     """Load ``uri`` from the default registry store (``$FEDSEG_HOME`` or the tracking URI)."""
     return load_model(default_store(), uri)
 
 
-def _load(settings: ServingSettings, loader: ModelLoader, state: ModelState) -> None:
-    try:
-        model = loader(settings.model_uri)
-        state.predictor = Predictor(model, device=settings.device, batch_size=settings.batch_size)
-    except (RegistryError, ImagingError) as exc:
-        state.reason = str(exc)
-        log.error("cannot serve %s: %s", settings.model_uri, exc)
-    except Exception as exc:  # keep the service up and say why it is not ready
-        state.reason = f"{type(exc).__name__}: {exc}"
-        log.exception("cannot serve %s", settings.model_uri)
-    else:
-        log.info("serving %s (%s version %d)", settings.model_uri, model.name, model.version)
+def _manager(settings: ServingSettings, loader: ModelLoader,
+             resolver: VersionResolver | None) -> ModelManager:
+    def build(model: LoadedModel) -> Predictor:  # rebuilds the network and warms it up
+        return Predictor(
+            model, device=settings.device, batch_size=settings.batch_size,
+            max_batch_slices=settings.microbatch_max_slices, max_wait_ms=settings.microbatch_wait_ms,
+        )
+
+    return ModelManager(
+        champion_uri=settings.model_uri, challenger_uri=settings.challenger_model_uri,
+        canary_share=settings.canary_share, loader=loader, factory=build, resolver=resolver,
+        reload_seconds=settings.reload_seconds,
+    )
 
 
-def create_app(settings: ServingSettings | None = None, loader: ModelLoader = registry_loader) -> FastAPI:
+def create_app(
+    settings: ServingSettings | None = None,
+    loader: ModelLoader = registry_loader,
+    resolver: VersionResolver | None = None,
+) -> FastAPI:
     """Build the service.
 
     The model is loaded during the lifespan start-up, off the event loop. If loading fails the
     service still starts: ``/health/live`` answers 200, ``/health/ready`` and ``/v1/predict``
-    503 with the reason.
+    503 with the reason. Then a background thread follows the registry (see
+    :mod:`serving.models`): a moved alias is loaded, warmed up and swapped in without a restart.
 
     Parameters
     ----------
@@ -59,13 +71,30 @@ def create_app(settings: ServingSettings | None = None, loader: ModelLoader = re
         Default: read from ``FEDSEG_SERVE_*`` environment variables.
     loader : callable
         ``uri -> LoadedModel``; default :func:`registry_loader`.
+    resolver : callable, optional
+        ``models:/NAME@ALIAS -> version``, to follow the registry; default
+        :func:`registry_resolver` with the default loader, none (load once) with another loader.
     """
     settings = settings or ServingSettings()
+    metrics = ServingMetrics()  # per app: never prometheus-client's global registry
+    metrics.drift = DriftMonitor(window=settings.drift_window, threshold=settings.drift_threshold,
+                                 min_requests=settings.drift_min_requests)
+    metrics.register(DriftCollector(metrics.drift))
+    if resolver is None and loader is registry_loader:
+        resolver = registry_resolver
+    loader = recording_references(loader, metrics.drift)  # each loaded version's input_reference
+    models = _manager(settings, loader, resolver)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(_load, settings, loader, app.state.model)
-        yield
+        await run_in_threadpool(models.load)  # off the event loop
+        models.start()  # follow the registry
+        jobs.start()  # run /v1/jobs (queued ones from before a restart too)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(jobs.stop)
+            await run_in_threadpool(models.stop)
 
     app = FastAPI(
         title="fedseg",
@@ -74,7 +103,22 @@ def create_app(settings: ServingSettings | None = None, loader: ModelLoader = re
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.model = ModelState(model_uri=settings.model_uri)
+    app.state.models = models
+    jobs = JobService(settings, models=models, ready=lambda: models.champion.predictor is not None,
+                      metrics=metrics)  # durable queue under $FEDSEG_HOME/serving
+    app.state.jobs = jobs
+    app.state.model = models.champion  # the champion's state (readiness)
+    app.state.metrics, app.state.drift = metrics, metrics.drift
+    install_security(app, settings)  # body limit, auth, audit (inside the metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.include_router(metrics_router)
+    app.include_router(drift_router)
+    app.include_router(ui_router)
     app.include_router(health_router)
+    app.include_router(oip_health_router)
+    app.include_router(models_router)
+    app.include_router(models_admin_router)
     app.include_router(predict_router)
+    app.include_router(triage_router)
+    app.include_router(jobs_router)
     return app

@@ -7,22 +7,29 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 from .errors import ModelNotReadyError
+from .models import ModelManager
 from .predictor import Predictor
 from .settings import ServingSettings
 from .state import ModelState
 
-__all__ = ["SettingsDep", "ModelStateDep", "PredictorDep"]
+__all__ = ["SettingsDep", "ModelStateDep", "ModelsDep", "PredictorDep"]
 
 
 def get_settings(request: Request) -> ServingSettings:
     return request.app.state.settings
 
 
+def get_models(request: Request) -> ModelManager:
+    return request.app.state.models
+
+
 def get_model_state(request: Request) -> ModelState:
-    return request.app.state.model
+    """The champion's state (readiness)."""
+    return request.app.state.models.champion
 
 
 SettingsDep = Annotated[ServingSettings, Depends(get_settings)]
+ModelsDep = Annotated[ModelManager, Depends(get_models)]
 ModelStateDep = Annotated[ModelState, Depends(get_model_state)]
 
 

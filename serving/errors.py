@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ServingError",
     "ModelNotReadyError",
+    "ModelLoadError",
     "UploadError",
     "NotMultipartError",
     "MalformedUploadError",
@@ -16,6 +17,14 @@ __all__ = [
     "NotDicomError",
     "TooManyInstancesError",
     "UploadTooLargeError",
+    "PixelBudgetError",
+    "DeflateBombError",
+    "TransferSyntaxNotAllowedError",
+    "AuthError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "AuthConfigError",
+    "ApiKeyStoreError",
 ]
 
 
@@ -25,6 +34,10 @@ class ServingError(Exception):
 
 class ModelNotReadyError(ServingError):
     """No model is loaded (loading failed or has not finished); the message says why."""
+
+
+class ModelLoadError(ServingError):
+    """A model version could not be loaded or warmed up; the one served before stays."""
 
 
 class UploadError(ServingError):
@@ -53,3 +66,39 @@ class TooManyInstancesError(UploadError):
 
 class UploadTooLargeError(UploadError):
     """The upload is larger than ``max_upload_mb``."""
+
+
+class PixelBudgetError(UploadTooLargeError):
+    """The declared pixel data (rows x columns x frames x bits) exceeds ``max_pixel_mb``."""
+
+
+class DeflateBombError(UploadTooLargeError):
+    """A deflated instance inflates to more than the service accepts."""
+
+
+class TransferSyntaxNotAllowedError(UploadError):
+    """An instance's transfer syntax is not on the service's allow-list (or it has no file meta)."""
+
+
+class AuthError(ServingError):
+    """Base class of authentication and authorisation errors."""
+
+
+class AuthenticationError(AuthError):
+    """No credentials, or credentials that are not valid (HTTP 401)."""
+
+
+class PermissionDeniedError(AuthError):
+    """Valid credentials without the scope a route needs (HTTP 403)."""
+
+    def __init__(self, message: str, scope: str) -> None:
+        super().__init__(message)
+        self.scope = scope
+
+
+class AuthConfigError(AuthError):
+    """The auth settings cannot be used (missing or unreadable JWT key, ...)."""
+
+
+class ApiKeyStoreError(AuthError):
+    """The API key store cannot be read or written, or a key name/scope is invalid."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +16,9 @@ from imaging.spec import ModelSpec
 from imaging.training import predict_probabilities
 from imaging.volume import Volume
 from registry.load import LoadedModel
+
+from .batching import BatchStats, MicroBatcher
+from .metrics import observe_stage
 
 __all__ = ["Prediction", "Predictor", "Status", "triage_score"]
 
@@ -63,8 +67,9 @@ class Predictor:
 
     The network is rebuilt from ``model.spec`` by the factory that trained it, loaded strictly,
     moved to ``device`` and run once on a blank slice (warm-up), so that the first request does
-    not pay for lazy initialisation. :meth:`predict` is thread-safe: forwards are serialised by a
-    lock, while reading and pre/post-processing run concurrently.
+    not pay for lazy initialisation. :meth:`predict` is thread-safe: pre- and post-processing run
+    concurrently, while the forwards of concurrent requests are micro-batched
+    (:class:`serving.batching.MicroBatcher`) and serialised.
 
     Parameters
     ----------
@@ -73,7 +78,11 @@ class Predictor:
     device : str
         ``"auto"``, ``"cpu"`` or ``"cuda[:N]"`` (see :func:`imaging.model.select_device`).
     batch_size : int
-        Slices per forward pass.
+        Slices per network call.
+    max_batch_slices : int
+        Most slices of concurrent requests combined into one forward.
+    max_wait_ms : float
+        Longest wait of a request for announced concurrent requests to join its batch.
 
     Raises
     ------
@@ -81,7 +90,15 @@ class Predictor:
         The weights do not match the spec, or the device is unavailable.
     """
 
-    def __init__(self, model: LoadedModel, *, device: str = "auto", batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        device: str = "auto",
+        batch_size: int = 32,
+        max_batch_slices: int = 64,
+        max_wait_ms: float = 2.0,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.name = model.name
@@ -91,7 +108,25 @@ class Predictor:
         self.batch_size = batch_size
         self._net = load_state_dict(model.spec, model.state_dict).to(self.device).eval()
         self._lock = threading.Lock()
+        self._batcher = MicroBatcher(
+            self._forward, max_slices=max_batch_slices, max_wait_s=max_wait_ms / 1000.0,
+            on_batch=self._observe_batch,
+        )
+        # warm-up: one dummy forward, outside the batcher (not counted in its stats)
         self._forward(np.zeros((1, self.spec.image_size, self.spec.image_size), np.float32))
+
+    @property
+    def stats(self) -> BatchStats:
+        """Micro-batching counters: forwards, requests and slices so far."""
+        return self._batcher.stats
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for this model's next forward."""
+        return self._batcher.waiting
+
+    def _observe_batch(self, seconds: float, requests: int, slices: int) -> None:
+        observe_stage("forward", seconds, self.version)
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
         with self._lock, torch.inference_mode():
@@ -108,9 +143,15 @@ class Predictor:
             The pixels cannot be preprocessed (empty, NaN or infinite values).
         """
         _, rows, cols = volume.shape
-        images = preprocess_image(volume.pixels, self.spec)
-        probs = restore_probabilities(self._forward(images), rows, cols)
+        with self._batcher.ticket() as ticket:
+            start = time.perf_counter()
+            images = preprocess_image(volume.pixels, self.spec)
+            observe_stage("preprocess", time.perf_counter() - start, self.version)
+            out = self._batcher.run(images, ticket)  # observes "forward" per batch
+        start = time.perf_counter()
+        probs = restore_probabilities(out, rows, cols)
         score, per_slice = triage_score(probs, self.spec.min_lesion_pixels)
         status: Status = "suspect" if score >= self.spec.triage_threshold else "normal"
         mask = (probs >= self.spec.threshold).astype(np.uint8)
+        observe_stage("postprocess", time.perf_counter() - start, self.version)
         return Prediction(mask=mask, score=score, status=status, slice_scores=per_slice)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-__all__ = ["RleMask", "PredictResponse", "LiveResponse", "ReadyResponse", "NotReadyResponse", "ErrorResponse"]
+__all__ = ["RleMask", "StoredSeg", "PredictResponse", "LiveResponse", "ReadyResponse", "NotReadyResponse", "ErrorResponse"]
 
 
 class RleMask(BaseModel):
@@ -20,6 +20,15 @@ class RleMask(BaseModel):
     )
 
 
+class StoredSeg(BaseModel):
+    """A DICOM SEG stored in the PACS by STOW-RS (``?store=true``)."""
+
+    url: str = Field(description="the STOW-RS endpoint that accepted it")
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
 class PredictResponse(BaseModel):
     model_config = {"protected_namespaces": ()}
 
@@ -29,6 +38,9 @@ class PredictResponse(BaseModel):
     score: float = Field(ge=0.0, le=1.0, description="probability that the series holds a lesion")
     status: Literal["suspect", "normal"]
     mask: RleMask
+    stored: StoredSeg | None = Field(
+        default=None, description="the SEG stored in the PACS, with ?store=true"
+    )
 
 
 class LiveResponse(BaseModel):

@@ -66,6 +66,18 @@ def _wait_ready(base: str, service: subprocess.Popen, timeout: float = 180.0) ->
     raise click.ClickException(f"the service was not ready after {timeout:.0f} s")
 
 
+def _api_key(home: Path) -> str:
+    """A fresh ``predict,monitor`` API key for the demo (``fedseg serve apikey create``)."""
+    env = {**os.environ, "FEDSEG_HOME": str(home)}
+    fedseg = [sys.executable, "-m", "fedseg.cli", "serve", "apikey"]
+    subprocess.run([*fedseg, "revoke", "demo"], env=env, capture_output=True)  # from an earlier demo
+    created = subprocess.run([*fedseg, "create", "demo", "--scopes", "predict,monitor"], env=env,
+                             check=True, capture_output=True, text=True)
+    key = created.stdout.strip().splitlines()[-1]
+    click.echo(f"  API key 'demo' created (shown once, stored hashed): {key[:16]}...")
+    return key
+
+
 def main() -> None:
     home = fedseg_home()
     configure_logging(verbose=False)
@@ -92,9 +104,10 @@ def main() -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     _step(4, f"Starting the inference service on {base} (models:/{MODEL}@champion)")
+    key = _api_key(home)
     service = subprocess.Popen(
         [sys.executable, "-m", "fedseg.cli", "serve", "--model", f"models:/{MODEL}@champion",
-         "--host", "127.0.0.1", "--port", str(port)],
+         "--host", "127.0.0.1", "--port", str(port), "--audit-log", str(demo / "audit.log")],
         env={**os.environ, "FEDSEG_HOME": str(home)},
     )
     try:
@@ -106,7 +119,10 @@ def main() -> None:
                                               size=64, seed=2024)
         (case,) = scan_site(query_site).cases
         files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in case.files]
-        response = httpx.post(f"{base}/v1/predict", files=files, timeout=120.0)
+        refused = httpx.post(f"{base}/v1/predict", files=files, timeout=120.0)
+        click.echo(f"  without the key: {refused.status_code} {refused.json().get('detail', '')}")
+        response = httpx.post(f"{base}/v1/predict", files=files, timeout=120.0,
+                              headers={"Authorization": f"Bearer {key}"})
         if response.status_code != 200:
             raise click.ClickException(f"predict answered {response.status_code}: {response.text}")
         answer = response.json()
@@ -123,6 +139,9 @@ def main() -> None:
 
     click.secho("\nDone.", bold=True)
     click.echo(f"  Serve the champion again:  fedseg serve --model models:/{MODEL}@champion --port 8080")
+    click.echo("  Give a client a key:       fedseg serve apikey create NAME --scopes predict  "
+               "(then Authorization: Bearer <key>)")
+    click.echo(f"  The service's audit lines: {demo / 'audit.log'}")
     click.echo(f"  Open the MLflow UI:        mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db "
                f"--port 5000   (then http://127.0.0.1:5000)")
 

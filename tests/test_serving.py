@@ -56,7 +56,7 @@ def fedseg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         mp.setenv("FEDSEG_HOME", str(home))
         mp.delenv("FEDSEG_MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        for key in ("MODEL_URI", "HOST", "PORT", "MAX_UPLOAD_MB", "MAX_INSTANCES", "DEVICE"):
+        for key in ("MODEL_URI", "HOST", "PORT", "MAX_UPLOAD_MB", "MAX_INSTANCES", "DEVICE", "AUTH"):
             mp.delenv(f"FEDSEG_SERVE_{key}", raising=False)
         torch.manual_seed(0)
         store = default_store()
@@ -76,7 +76,7 @@ def loaded(fedseg_home: Path) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def settings(fedseg_home: Path) -> ServingSettings:
-    return ServingSettings(model_uri=URI, device="cpu")
+    return ServingSettings(model_uri=URI, device="cpu", auth="off")  # auth: test_serving_security
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_health(client: TestClient, loaded: LoadedModel) -> None:
 
 
 def test_not_ready_when_model_is_missing(fedseg_home: Path) -> None:
-    settings = ServingSettings(model_uri="models:/nope@champion", device="cpu")
+    settings = ServingSettings(model_uri="models:/nope@champion", device="cpu", auth="off")
     with TestClient(create_app(settings, loader=registry_loader)) as c:
         assert c.get("/health/live").status_code == 200
         ready = c.get("/health/ready")
@@ -329,7 +329,7 @@ def test_unsupported_transfer_syntax_is_415_naming_it(client: TestClient, tmp_pa
 
 
 def test_limits_are_413(fedseg_home: Path, loaded: LoadedModel, tmp_path: Path) -> None:
-    settings = ServingSettings(model_uri=URI, max_instances=2, max_upload_mb=1, device="cpu")
+    settings = ServingSettings(model_uri=URI, max_instances=2, max_upload_mb=1, device="cpu", auth="off")
     with TestClient(create_app(settings, loader=lambda uri: loaded)) as c:
         many = c.post("/v1/predict", files=_files(_series(tmp_path, "many", (3, 8, 8))))
         assert many.status_code == 413 and "MAX_INSTANCES" in many.json()["detail"]
@@ -380,6 +380,7 @@ def test_settings_read_env_and_refuse_bad_values(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("FEDSEG_SERVE_PORT", "9000")
     s = ServingSettings()
     assert (s.model_uri, s.port, s.host) == ("models:/m/3", 9000, "127.0.0.1")
+    assert s.auth == "apikey"  # auth is on unless turned off
     with pytest.raises(ValueError, match="models:/NAME@ALIAS"):
         ServingSettings(model_uri="m@champion")
     with pytest.raises(ValueError, match="port"):

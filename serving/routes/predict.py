@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from imaging.dicom_read import read_series
 from imaging.errors import ImagingError, SeriesError, UnsupportedTransferSyntaxError
 
-from ..deps import PredictorDep, SettingsDep
+from ..deps import ModelsDep, SettingsDep
 from ..errors import (
     EmptyUploadError,
     MalformedUploadError,
@@ -23,14 +22,24 @@ from ..errors import (
     NotMultipartError,
     ServingError,
     TooManyInstancesError,
+    TransferSyntaxNotAllowedError,
     UploadTooLargeError,
 )
-from ..predictor import Predictor
-from ..rle import rle_encode
-from ..schemas import ErrorResponse, PredictResponse, RleMask
-from ..uploads import FILES_FIELD, UploadedFile, check_dicom, read_uploads
+from ..inference import Segmenter, analyse, to_response
+from ..outputs import (
+    SegObject,
+    StowError,
+    StowNotConfiguredError,
+    StowTarget,
+    build_seg,
+    store_seg,
+    target_from_settings,
+)
+from ..outputs.seg import DICOM_MEDIA_TYPE
+from ..schemas import ErrorResponse, PredictResponse
+from ..uploads import FILES_FIELD, UploadedFile, read_uploads
 
-__all__ = ["router", "http_status", "MODEL_VERSION_HEADER"]
+__all__ = ["router", "http_status", "wants_dicom", "MODEL_VERSION_HEADER", "STORE_QUERY", "SERIES_BODY"]
 
 MODEL_VERSION_HEADER = "X-Model-Version"
 
@@ -39,11 +48,14 @@ router = APIRouter(prefix="/v1", tags=["predict"])
 # Most specific first: UnsupportedTransferSyntaxError is a DicomReadError, NotDicomError an UploadError.
 _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (ModelNotReadyError, status.HTTP_503_SERVICE_UNAVAILABLE),
+    (StowNotConfiguredError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (StowError, status.HTTP_502_BAD_GATEWAY),  # the PACS failed, not the request
     (UploadTooLargeError, status.HTTP_413_CONTENT_TOO_LARGE),
     (TooManyInstancesError, status.HTTP_413_CONTENT_TOO_LARGE),
     (NotMultipartError, status.HTTP_415_UNSUPPORTED_MEDIA_TYPE),
     (NotDicomError, status.HTTP_415_UNSUPPORTED_MEDIA_TYPE),
     (UnsupportedTransferSyntaxError, status.HTTP_415_UNSUPPORTED_MEDIA_TYPE),
+    (TransferSyntaxNotAllowedError, status.HTTP_415_UNSUPPORTED_MEDIA_TYPE),
     (MalformedUploadError, status.HTTP_400_BAD_REQUEST),
     (EmptyUploadError, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (SeriesError, status.HTTP_422_UNPROCESSABLE_CONTENT),
@@ -60,70 +72,125 @@ def http_status(exc: Exception) -> int | None:
     return None
 
 
-def _infer(predictor: Predictor, files: Sequence[UploadedFile]) -> PredictResponse:
-    """Blocking part of a request: read, check, predict, encode (runs in the threadpool)."""
-    check_dicom(files)
-    volume = read_series([f.open() for f in files])
-    prediction = predictor.predict(volume)
-    return PredictResponse(
-        model_name=predictor.name,
-        model_version=predictor.version,
-        series_instance_uid=volume.series_uid,
-        score=prediction.score,
-        status=prediction.status,
-        mask=RleMask(shape=list(prediction.mask.shape), rle=rle_encode(prediction.mask)),
-    )
+def wants_dicom(accept: str | None) -> bool:
+    """Whether an ``Accept`` header prefers ``application/dicom`` (a DICOM SEG) over JSON.
+
+    The highest ``q`` wins; ties and wildcards go to JSON, the default.
+    """
+    dicom = json = 0.0
+    for item in (accept or "").split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        if media == DICOM_MEDIA_TYPE:
+            dicom = max(dicom, q)
+        elif media in ("application/json", "application/*", "*/*"):
+            json = max(json, q)
+    return dicom > 0 and dicom > json
+
+
+def _infer(
+    models: Segmenter, files: Sequence[UploadedFile], *, dicom: bool, target: StowTarget | None
+) -> tuple[PredictResponse, SegObject | None]:
+    """Blocking part of a request: read, check, predict, encode, SEG and STOW (in the threadpool)."""
+    analysis = analyse(models, files)
+    result = to_response(analysis)
+    seg = build_seg(analysis) if dicom or target is not None else None
+    if seg is not None and target is not None:
+        result.stored = store_seg(seg, target)
+    return result, seg
 
 
 _ERRORS = {
     code: {"model": ErrorResponse}
-    for code in (400, 413, 415, 422, 503)
+    for code in (400, 413, 415, 422, 502, 503)
 }
+
+#: The request body of the routes that take one series (OpenAPI).
+SERIES_BODY: dict = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FILES_FIELD],
+                    "properties": {
+                        FILES_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "the DICOM instances of one series",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
+
+#: ``?store=true``: also store the SEG in the PACS (STOW-RS to ``FEDSEG_SERVE_STOW_URL``).
+STORE_QUERY = Query(
+    False, description="also store the DICOM SEG in the PACS (STOW-RS to FEDSEG_SERVE_STOW_URL)"
+)
 
 
 @router.post(
     "/predict",
     response_model=PredictResponse,
-    responses=_ERRORS,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": [FILES_FIELD],
-                        "properties": {
-                            FILES_FIELD: {
-                                "type": "array",
-                                "items": {"type": "string", "format": "binary"},
-                                "description": "the DICOM instances of one series",
-                            }
-                        },
-                    }
-                }
-            },
-        }
+    response_model_exclude_none=True,  # "stored" only with ?store=true
+    responses={
+        200: {"content": {DICOM_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+              "description": "JSON, or a DICOM SEG with `Accept: application/dicom`"},
+        **_ERRORS,
     },
+    openapi_extra=SERIES_BODY,
 )
 async def predict(
-    request: Request, response: Response, predictor: PredictorDep, settings: SettingsDep
-) -> PredictResponse:
+    request: Request,
+    response: Response,
+    models: ModelsDep,
+    settings: SettingsDep,
+    store: bool = STORE_QUERY,
+) -> PredictResponse | Response:
     """Segment one series and say whether it looks suspect.
 
     Send every instance of one series (single-frame DICOM) in the multipart field ``files``.
     The mask comes back run-length encoded in the series' own ``[slices, rows, cols]`` geometry,
     slices ordered along the slice normal.
+
+    With ``Accept: application/dicom`` the answer is a DICOM SEG (binary, one segment) in the
+    series' study, referencing every uploaded instance. With ``?store=true`` the SEG is also
+    stored in the PACS (STOW-RS); the JSON then says where (``stored``), a SEG answer in its
+    ``Content-Location`` header.
     """
+    dicom = wants_dicom(request.headers.get("accept"))
     try:
+        models.champion.require()  # 503 before reading the upload
+        target = target_from_settings(settings) if store else None
         files = await read_uploads(
             request, max_bytes=settings.max_upload_bytes, max_files=settings.max_instances
         )
-        result = await run_in_threadpool(_infer, predictor, files)
+        result, seg = await run_in_threadpool(_infer, models, files, dicom=dicom, target=target)
     except (ServingError, ImagingError) as exc:
         code = http_status(exc)
         if code is None:  # pragma: no cover - every listed base has a code
             raise
         raise HTTPException(code, detail=str(exc)) from exc
-    response.headers[MODEL_VERSION_HEADER] = str(predictor.version)
+    response.headers[MODEL_VERSION_HEADER] = str(result.model_version)
+    if dicom and seg is not None:
+        headers = {MODEL_VERSION_HEADER: str(result.model_version),
+                   "Content-Disposition": f'attachment; filename="{seg.sop_instance_uid}.dcm"'}
+        if result.stored is not None:  # where the PACS keeps it (WADO-RS)
+            headers["Content-Location"] = (
+                f"{result.stored.url}/{seg.study_instance_uid}/series/{seg.series_instance_uid}"
+                f"/instances/{seg.sop_instance_uid}"
+            )
+        return Response(seg.data, media_type=DICOM_MEDIA_TYPE, headers=headers)
     return result

@@ -1,0 +1,206 @@
+"""Micro-batching: concurrent requests to one model share a forward pass.
+
+A :class:`MicroBatcher` sits in front of a model's forward function. Each request hands it the
+preprocessed slices of one series (:meth:`MicroBatcher.run`) and blocks until its probabilities
+are back. There is no worker thread: the first waiting request becomes the *collector*, gathers
+what is pending, runs one forward for all of it and hands every request its share; requests that
+arrive meanwhile queue up and form the next batch.
+
+The collector waits for more work only while a request has announced itself
+(:meth:`MicroBatcher.ticket`, taken before preprocessing) but not yet arrived, and never longer
+than ``max_wait_s`` after the oldest pending request arrived: a lone request pays no wait.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BatchStats", "MicroBatcher", "Ticket"]
+
+Forward = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Counters of one batcher.
+
+    Attributes
+    ----------
+    forwards : int
+        Forward calls made (one per micro-batch).
+    requests : int
+        Requests served.
+    slices : int
+        Slices forwarded.
+    largest : int
+        Most requests served by one forward.
+    """
+
+    forwards: int = 0
+    requests: int = 0
+    slices: int = 0
+    largest: int = 0
+
+
+class Ticket:
+    """A request's announcement that it will call :meth:`MicroBatcher.run` soon."""
+
+    __slots__ = ("used",)
+
+    def __init__(self) -> None:
+        self.used = False
+
+
+class _Item:
+    __slots__ = ("images", "arrived", "result", "error", "done")
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+        self.arrived = time.monotonic()
+        self.result: np.ndarray | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class MicroBatcher:
+    """Run ``forward`` on the concatenated slices of concurrent requests.
+
+    Parameters
+    ----------
+    forward : callable
+        ``(n, S, S) float32 -> (n, S, S)``: the model's forward on preprocessed slices. Called by
+        one thread at a time.
+    max_slices : int
+        Most slices in one batch; a request larger than this still runs, alone.
+    max_wait_s : float
+        Longest time the oldest pending request waits for announced ones to join.
+    on_batch : callable, optional
+        ``(seconds, requests, slices) -> None`` after every forward (metrics).
+    """
+
+    def __init__(
+        self,
+        forward: Forward,
+        *,
+        max_slices: int = 64,
+        max_wait_s: float = 0.002,
+        on_batch: Callable[[float, int, int], None] | None = None,
+    ) -> None:
+        if max_slices < 1:
+            raise ValueError(f"max_slices must be positive, got {max_slices}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be non-negative, got {max_wait_s}")
+        self._forward = forward
+        self.max_slices = max_slices
+        self.max_wait_s = max_wait_s
+        self._on_batch = on_batch
+        self._cond = threading.Condition()
+        self._pending: deque[_Item] = deque()
+        self._coming = 0  # announced, not yet arrived
+        self._busy = False  # a collector is gathering or forwarding
+        self._stats = BatchStats()
+
+    @property
+    def stats(self) -> BatchStats:
+        """Counters so far."""
+        with self._cond:
+            return self._stats
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for the next forward."""
+        with self._cond:
+            return len(self._pending)
+
+    @contextmanager
+    def ticket(self) -> Iterator[Ticket]:
+        """Announce a request (before its preprocessing) so that a collector may wait for it."""
+        ticket = Ticket()
+        with self._cond:
+            self._coming += 1
+        try:
+            yield ticket
+        finally:
+            with self._cond:
+                if not ticket.used:  # left without running (preprocessing failed)
+                    ticket.used = True
+                    self._coming -= 1
+                    self._cond.notify_all()
+
+    def run(self, images: np.ndarray, ticket: Ticket | None = None) -> np.ndarray:
+        """The forward's output for ``images``, computed in a batch with concurrent requests.
+
+        Raises whatever the forward raised for the batch this request was in.
+        """
+        item = _Item(images)
+        with self._cond:
+            if ticket is not None and not ticket.used:
+                ticket.used = True
+                self._coming -= 1
+            self._pending.append(item)
+            self._cond.notify_all()
+        while True:
+            with self._cond:
+                while self._busy and not item.done:
+                    self._cond.wait()
+                if item.done:
+                    break
+                self._busy = True
+                batch = self._gather()
+            self._run_batch(batch)
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+    def _gather(self) -> list[_Item]:
+        """Wait (lock held) for announced requests, then take a batch from the queue's head."""
+        deadline = self._pending[0].arrived + self.max_wait_s
+        while self._coming > 0 and self._pending_slices() < self.max_slices:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        batch = [self._pending.popleft()]
+        size = len(batch[0].images)
+        while self._pending and size + len(self._pending[0].images) <= self.max_slices:
+            size += len(self._pending[0].images)
+            batch.append(self._pending.popleft())
+        return batch
+
+    def _pending_slices(self) -> int:
+        return sum(len(i.images) for i in self._pending)
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        """Forward ``batch`` (lock released), hand out the results, give up the collector role."""
+        start = time.perf_counter()
+        try:
+            images = batch[0].images if len(batch) == 1 else np.concatenate([i.images for i in batch])
+            out = self._forward(images)
+            offset = 0
+            for i in batch:
+                i.result = out[offset : offset + len(i.images)]
+                offset += len(i.images)
+        except BaseException as exc:  # every request of the batch gets the forward's error
+            for i in batch:
+                i.error = exc
+        seconds = time.perf_counter() - start
+        slices = sum(len(i.images) for i in batch)
+        with self._cond:
+            s = self._stats
+            self._stats = BatchStats(
+                s.forwards + 1, s.requests + len(batch), s.slices + slices, max(s.largest, len(batch))
+            )
+            for i in batch:
+                i.done = True
+            self._busy = False
+            self._cond.notify_all()
+        if self._on_batch is not None:
+            self._on_batch(seconds, len(batch), slices)
