@@ -175,6 +175,9 @@ def test_two_round_run_over_tls_publishes_with_three_sites(
     status = dep.run_status(run.run_id)
     assert status["status"] == "finished:completed", f"{status}\n{run.output[-4000:]}\n{dep.logs()}"
     assert "aggregate_train: Received 3 results and 0 failures" in run.output, run.output[-4000:]
+    # fedseg's own lines reach the operator through Flower's log stream (`flwr log`, `--stream`)
+    assert re.search(r"fedseg: federated run \S+: 2 rounds", run.output), run.output[-4000:]
+    assert "fedseg: published deploy-unet v1" in run.output, run.output[-4000:]
 
     (version,) = _published(fedseg_home, dep.server_home, "deploy-unet", monkeypatch)
     assert version["tags"]["rounds_completed"] == "2"
