@@ -1,9 +1,11 @@
-"""`fedseg registry promote | rollback | show`: governed moves of ``champion`` and lineage.
+"""`fedseg registry promote | rollback | challenger | show`: governed moves of ``champion`` and
+``challenger``, and lineage.
 
 These are plain :class:`click.Command` objects; ``registry/cli.py`` adds them to its group::
 
     registry.add_command(promote_command)
     registry.add_command(rollback_command)
+    registry.add_command(challenger_command)
     registry.add_command(show_command)
 """
 
@@ -15,13 +17,14 @@ from typing import Any
 
 import click
 
+from .challenger import ChallengerResult, clear_challenger, read_challenger_history, set_challenger
 from .describe import describe_version
 from .errors import PromotionRefusedError, RegistryError
 from .gates import GateConfig, GateResult, default_gates
 from .promotion import PromotionResult, promote, rollback
 from .store import default_store
 
-__all__ = ["promote_command", "rollback_command", "show_command"]
+__all__ = ["challenger_command", "promote_command", "rollback_command", "show_command"]
 
 
 def _echo_gates(results: Iterable[GateResult], forced: bool = False) -> None:
@@ -83,14 +86,58 @@ def rollback_command(name: str, reason: str | None, actor: str | None) -> None:
     click.echo(_outcome(result))
 
 
+@click.command("challenger")
+@click.argument("name")
+@click.argument("version", type=int, required=False)
+@click.option("--clear", is_flag=True, help="Remove the challenger alias instead of setting it.")
+@click.option("--reason", default=None, help="Why, recorded in the challenger history.")
+@click.option("--actor", default=None, help="Who is changing it (default: your login name).")
+def challenger_command(
+    name: str, version: int | None, clear: bool, reason: str | None, actor: str | None
+) -> None:
+    """Point NAME's challenger alias at VERSION, or remove it with --clear.
+
+    A serving service with a canary share above 0 loads and warms the challenger, then sends
+    that share of studies (sticky per study) to it; after --clear it unloads the challenger and
+    sends every study to the champion. Both at its next registry check, without a restart
+    (POST /v1/admin/reload checks at once). The champion cannot be the challenger.
+    """
+    if clear == (version is not None):
+        raise click.UsageError("give either VERSION (to set the challenger) or --clear, not both")
+    store = default_store()
+    try:
+        if clear:
+            result = clear_challenger(store, name, reason=reason, actor=actor)
+        else:
+            assert version is not None
+            result = set_challenger(store, name, version, reason=reason, actor=actor)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(_challenger_outcome(result))
+
+
+def _challenger_outcome(result: ChallengerResult) -> str:
+    before = f"v{result.previous}" if result.previous is not None else "none"
+    champion = f"v{result.champion}" if result.champion is not None else "none"
+    who = result.entry.get("actor")
+    if result.action == "clear":
+        return (f"challenger cleared: {result.name} has no challenger (was {before}; champion "
+                f"{champion}), by {who}; services drop it at their next registry check")
+    return (f"challenger set: {result.name} challenger is now v{result.version} (was {before}; "
+            f"champion {champion}), by {who}; services with a canary share load it at their "
+            "next registry check")
+
+
 @click.command("show")
 @click.argument("name")
 @click.argument("version", type=int)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 def show_command(name: str, version: int, fmt: str) -> None:
-    """Show VERSION of NAME: aliases, metrics, lineage and the champion history."""
+    """Show VERSION of NAME: aliases, metrics, lineage, the champion and challenger histories."""
     try:
-        info = describe_version(default_store(), name, version)
+        store = default_store()
+        info = describe_version(store, name, version)
+        info["challenger_history"] = read_challenger_history(store, name)
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from None
     if fmt == "json":
@@ -114,6 +161,14 @@ def show_command(name: str, version: int, fmt: str) -> None:
         why = f": {e['reason']}" if e.get("reason") else ""
         click.echo(f"  {e.get('time')}  {e.get('action')}{forced} v{e.get('version')} (was {before}) "
                    f"by {e.get('actor')}{why}")
+    click.echo("challenger history:")
+    if not info["challenger_history"]:
+        click.echo("  (none)")
+    for e in info["challenger_history"]:
+        before = f"v{e['previous']}" if e.get("previous") is not None else "none"
+        now = f"v{e['version']}" if e.get("version") is not None else "none"
+        why = f": {e['reason']}" if e.get("reason") else ""
+        click.echo(f"  {e.get('time')}  {e.get('action')} {now} (was {before}) by {e.get('actor')}{why}")
 
 
 def _inline(value: Any) -> str:

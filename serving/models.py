@@ -17,6 +17,19 @@ that does not verify, weights that do not fit the spec) is not swapped in: the o
 serving, the failure is counted (``fedseg_model_reloads_total{outcome="failed"}``) and shown by
 ``GET /v2/models/{name}``, and that version is not tried again until the alias moves.
 
+The challenger comes and goes with its alias (``fedseg registry challenger NAME VERSION`` and
+``fedseg registry challenger NAME --clear``). When the registry answers that the alias names no
+version, the challenger role is unloaded at that check (outcome ``"unloaded"``, then ``"absent"``
+while it stays so): every study goes to the champion, ``GET /v2/models/{name}`` lists no challenger
+version and ``fedseg_model_info`` has no ``role="challenger"`` series. That is not a failed reload:
+nothing is counted as failed and the service stays ready. When the alias is set again (or moved),
+the version is loaded and warmed like any other before the first study is routed to it. A registry
+that cannot be asked (unreachable) is not an absent alias: the challenger then keeps serving.
+
+``DELETE /v1/admin/canary`` (:meth:`ModelManager.drop_challenger`) is the immediate drop: the
+share becomes 0 at once, no registry check is awaited, and the alias is not looked at again until
+``PUT /v1/admin/canary`` turns the canary back on (or the service restarts with its settings).
+
 Canary routing is sticky per study: a study goes to the challenger when
 :func:`canary_bucket` of its StudyInstanceUID is below the share, so every series of a study meets
 the same version, and raising the share only moves studies from champion to challenger.
@@ -33,8 +46,9 @@ from dataclasses import dataclass
 
 from imaging.errors import ImagingError
 from imaging.volume import Volume
+from registry.challenger import resolve_alias_version
 from registry.errors import ModelNotFoundError, RegistryError
-from registry.load import LoadedModel, resolve_version
+from registry.load import LoadedModel
 from registry.store import default_store
 from registry.uri import parse_model_uri
 
@@ -69,8 +83,13 @@ PredictorFactory = Callable[[LoadedModel], Predictor]
 
 
 def registry_resolver(uri: str) -> int:
-    """The version ``uri`` names in the default registry store."""
-    return int(resolve_version(default_store(), uri).version)
+    """The version ``uri`` names in the default registry store.
+
+    Raises :class:`~registry.errors.ModelNotFoundError` only when the registry answers that the
+    model, version or alias is not there; :class:`~registry.errors.RegistryError` when it cannot
+    be asked.
+    """
+    return resolve_alias_version(default_store(), uri)
 
 
 def canary_bucket(key: str) -> float:
@@ -91,9 +110,11 @@ class Reload:
         The version served before and after.
     outcome : str
         ``"ok"`` (a version was swapped in), ``"unchanged"``, ``"failed"`` (loading failed; the
-        previous version still serves) or ``"unresolved"`` (the registry could not say).
+        previous version still serves), ``"unresolved"`` (the registry could not say),
+        ``"unloaded"`` (the challenger's alias names no version any more: it was unloaded) or
+        ``"absent"`` (the challenger's alias names no version; nothing to serve).
     detail : str
-        The error, for ``failed`` and ``unresolved``.
+        The error, for ``failed`` and ``unresolved``; why, for ``unloaded`` and ``absent``.
     """
 
     role: str
@@ -216,6 +237,10 @@ class ModelManager:
         if ref.alias is not None and self._resolver is not None:
             try:
                 version = int(self._resolver(slot.model_uri))
+            except ModelNotFoundError as exc:
+                if slot.role == CHALLENGER:  # the alias was cleared (or never set): no challenger
+                    return self._absent(slot, previous, exc)
+                return self._unresolved(slot, previous, exc)
             except Exception as exc:
                 return self._unresolved(slot, previous, exc)
             if version == previous or version == slot.refused_version:
@@ -258,10 +283,21 @@ class ModelManager:
         if slot.predictor is None:
             slot.reason = detail
             count_reload("failed")
-        elif slot.role == CHALLENGER and isinstance(exc, ModelNotFoundError):
-            self._unload(slot, f"{slot.model_uri} no longer names a version")
-        return Reload(slot.role, previous, None if slot.predictor is None else previous,
-                      "unresolved", detail)
+        return Reload(slot.role, previous, previous, "unresolved", detail)
+
+    def _absent(self, slot: ModelState, previous: int | None, exc: Exception) -> Reload:
+        """The challenger's alias names no version: unload it (if loaded); not a failure."""
+        reason = f"no challenger: {_describe(exc)}; every study goes to the champion"
+        slot.last_error, slot.refused_version = "", None  # set again later = moved: try it again
+        if slot.predictor is not None:
+            self._unload(slot, reason)
+            log.info("challenger v%s unloaded: %s no longer names a version; every study goes "
+                     "to the champion", previous, slot.model_uri)
+            return Reload(slot.role, previous, None, "unloaded", reason)
+        if slot.reason != reason:
+            log.info("%s", reason)
+        slot.reason = reason
+        return Reload(slot.role, previous, None, "absent", reason)
 
     def _unload(self, slot: ModelState, reason: str) -> None:
         current = slot.predictor
@@ -304,7 +340,13 @@ class ModelManager:
         return [result]
 
     def drop_challenger(self) -> None:
-        """Send every study to the champion and unload the challenger (until set again)."""
+        """Send every study to the champion and unload the challenger, at once (until the canary
+        is set again with :meth:`set_canary`).
+
+        This is ``DELETE /v1/admin/canary``: the immediate drop, which does not wait for a
+        registry check and leaves the registry's ``challenger`` alias as it is. Requests already
+        running on the challenger finish on it.
+        """
         with self._lock:
             self._share = 0.0
             self._unload(self.challenger, "dropped: the canary share is 0")

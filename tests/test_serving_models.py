@@ -66,8 +66,11 @@ def _promote(version: int) -> None:
 
 
 def _set_challenger(version: int) -> None:
-    store = default_store()
-    store.client().set_registered_model_alias(MODEL, "challenger", str(version))
+    _cli("challenger", MODEL, str(version), "--reason", "test", "--actor", "tests")
+
+
+def _clear_challenger() -> None:
+    _cli("challenger", MODEL, "--clear", "--reason", "test", "--actor", "tests")
 
 
 def _series(tmp: Path, seed: str, study_uid: str | None = None) -> list[Path]:
@@ -281,6 +284,122 @@ def test_canary_is_sticky_per_study_and_can_be_dropped(tmp_path: Path) -> None:
         on = client.put("/v1/admin/canary", json={"share": 0.3})
         assert on.status_code == 200 and on.json()["reloads"][0]["version"] == 2
         assert version(canary_study, 1) == 2 and version(plain_study, 1) == 1
+
+
+def test_a_cleared_challenger_alias_is_dropped_and_a_set_one_loaded_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    assert _publish(1, 0.5) == 1
+    assert _publish(2, 0.4) == 2
+    _set_challenger(2)
+    canary_study, plain_study = _studies(0.3)
+    files = {study: _files(_series(tmp_path, tag, study_uid=study))
+             for study, tag in ((canary_study, "canary"), (plain_study, "plain"))}
+    seen: dict[str, list[tuple[int, int | None, str | None]]] = {canary_study: [], plain_study: []}
+    stop = threading.Event()
+
+    def more(study: str, n: int = 3) -> None:
+        mark = len(seen[study])
+        _wait_for(lambda: len(seen[study]) >= mark + n, f"{n} more requests of {study}")
+
+    with _uvicorn(_settings(canary_share=0.3, reload_seconds=0.2)) as url:
+
+        def send(study: str) -> None:
+            with httpx.Client(base_url=url, timeout=60) as http:
+                while not stop.is_set():
+                    r = http.post("/v1/predict", files=files[study])
+                    body = r.json() if r.status_code == 200 else {}
+                    seen[study].append((r.status_code, body.get("model_version"),
+                                        r.headers.get("X-Model-Version")))
+
+        senders = [threading.Thread(target=send, args=(s,), daemon=True) for s in files]
+        for t in senders:
+            t.start()
+        try:
+            more(canary_study), more(plain_study)
+            with httpx.Client(base_url=url, timeout=30) as http:
+                assert http.get(f"/v2/models/{MODEL}").json()["versions"] == ["1", "2"]
+            _clear_challenger()  # on the service's next registry check: every study to v1
+            _wait_for(lambda: seen[canary_study][-1][1] == 1, "the canary study on the champion")
+            more(canary_study)
+            time.sleep(1.0)  # several more registry checks with no alias
+            with httpx.Client(base_url=url, timeout=30) as http:
+                cleared = http.get(f"/v2/models/{MODEL}").json()
+                cleared_metrics = http.get("/metrics").text
+            _set_challenger(2)  # loaded and warmed, then the canary study goes to it again
+            _wait_for(lambda: seen[canary_study][-1][1] == 2, "the canary study on the challenger")
+            more(canary_study), more(plain_study)
+        finally:
+            stop.set()
+            for t in senders:
+                t.join(timeout=60)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            back = http.get(f"/v2/models/{MODEL}").json()
+            metrics = http.get("/metrics").text
+
+    every = seen[canary_study] + seen[plain_study]
+    assert all(status == 200 for status, _, _ in every), [s for s in every if s[0] != 200]
+    assert all(header == str(version) for _, version, header in every)
+    canary = [v for _, v, _ in seen[canary_study]]
+    runs = [v for i, v in enumerate(canary) if i == 0 or canary[i - 1] != v]
+    assert runs == [2, 1, 2], runs  # challenger, champion once cleared, challenger once set again
+    assert {v for _, v, _ in seen[plain_study]} == {1}
+
+    # while cleared: no challenger version served, said why, and no failed reload counted
+    assert cleared["versions"] == ["1"]
+    challenger = next(s for s in cleared["served"] if s["role"] == "challenger")
+    assert challenger["version"] is None and not challenger["ready"]
+    assert "no challenger" in challenger["detail"]
+    assert _metric(cleared_metrics, "fedseg_model_info", role="challenger") == 0
+    assert _metric(cleared_metrics, "fedseg_model_info", version="1", role="champion") == 1
+    assert _metric(cleared_metrics, "fedseg_model_reloads_total", outcome="failed") == 0
+    # set again: served, counted as one more successful load
+    assert back["versions"] == ["1", "2"]
+    assert _metric(metrics, "fedseg_model_info", version="2", role="challenger") == 1
+    assert _metric(metrics, "fedseg_model_reloads_total", outcome="ok") == 3  # v1, v2, v2 again
+    assert _metric(metrics, "fedseg_model_reloads_total", outcome="failed") == 0
+
+
+def test_admin_reload_drops_a_cleared_challenger_at_once(tmp_path: Path) -> None:
+    assert _publish(1, 0.5) == 1
+    assert _publish(2, 0.4) == 2
+    assert _publish(3, 0.3) == 3
+    canary_study, _ = _studies(0.3)
+    files = _files(_series(tmp_path, "admin-canary", study_uid=canary_study))
+    with TestClient(create_app(_settings(canary_share=0.3), loader=registry_loader)) as client:
+
+        def served() -> int:
+            r = client.post("/v1/predict", files=files)
+            assert r.status_code == 200, r.text
+            return int(r.headers["X-Model-Version"])
+
+        assert served() == 1  # no alias yet: the champion alone
+        meta = client.get(f"/v2/models/{MODEL}").json()
+        assert meta["versions"] == ["1"] and "no challenger" in meta["served"][1]["detail"]
+        reload = client.post("/v1/admin/reload").json()["reloads"]
+        assert [(r["role"], r["outcome"]) for r in reload] == [("champion", "unchanged"),
+                                                               ("challenger", "absent")]
+        refused = client.put("/v1/admin/canary", json={"share": 0.5})  # nothing to load
+        assert refused.status_code == 409 and "no challenger" in refused.json()["detail"]
+
+        _set_challenger(2)
+        [_, loaded] = client.post("/v1/admin/reload").json()["reloads"]
+        assert (loaded["outcome"], loaded["version"]) == ("ok", 2) and served() == 2
+        _set_challenger(3)  # moved: swapped like the champion
+        [_, moved] = client.post("/v1/admin/reload").json()["reloads"]
+        assert (moved["previous"], moved["version"], moved["outcome"]) == (2, 3, "ok")
+        assert served() == 3
+
+        _clear_challenger()
+        [_, dropped] = client.post("/v1/admin/reload").json()["reloads"]
+        assert (dropped["previous"], dropped["version"], dropped["outcome"]) == (3, None, "unloaded")
+        assert served() == 1
+        assert client.get(f"/v2/models/{MODEL}").json()["versions"] == ["1"]
+        assert client.get(f"/v2/models/{MODEL}/versions/3").status_code == 404
+        metrics = client.get("/metrics").text
+        assert _metric(metrics, "fedseg_model_info", role="challenger") == 0
+        assert _metric(metrics, "fedseg_model_reloads_total", outcome="failed") == 0
+        assert client.get("/v2/health/ready").json() == {"ready": True}
 
 
 # ----------------------------------------------------------------------------- /v2 paths

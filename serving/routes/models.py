@@ -214,7 +214,12 @@ def set_canary(body: CanaryRequest, models: ModelsDep, response: Response) -> Ad
 
 @admin_router.delete("/canary", response_model=AdminResponse)
 def drop_challenger(models: ModelsDep, response: Response) -> AdminResponse:
-    """Drop the challenger: every study goes to the champion, no restart."""
+    """Drop the challenger now: the canary share becomes 0, every new request goes to the
+    champion and the challenger is unloaded, without a restart and without waiting for a registry
+    check (requests already running on it finish). The registry's ``challenger`` alias is left as
+    it is; ``PUT /v1/admin/canary`` turns the canary back on. To retire a challenger for good,
+    clear the alias (``fedseg registry challenger NAME --clear``): services drop it at their next
+    registry check."""
     models.drop_challenger()
     return _admin(models, [], response)
 
