@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Serving benchmark: `fedseg serve` vs `mlflow models serve` of the same registered version.
 
-A model (the default spec, random weights: speed does not depend on training) is published to a
-temporary registry. Both servers are started in turn as real processes on loopback and loaded
+Each model (random weights: speed does not depend on training) is published to a temporary
+registry: the default spec, the spec the LGG benchmarks train (bench/quality.py: U-Net 16,32,64
+at 64x64) and a full-resolution LGG-size U-Net (16,32,64,128 at 128x128, the FLAIR slices'
+own size). For each, both servers are started in turn as real processes on loopback and loaded
 with httpx async clients at each concurrency level:
 
 - ``fedseg serve``: ``POST /v1/predict`` with the series' DICOM files (multipart); the service
@@ -13,7 +15,8 @@ with httpx async clients at each concurrency level:
 
 The bare forward is the U-Net on the same preprocessed slices in this process
 (``imaging.training.predict_probabilities``), and the in-process pipeline the service's own
-``Predictor.predict`` on the decoded series, without HTTP. Results go to
+``Predictor.predict`` on the decoded series, without HTTP. The CPU seconds each server process
+(with its children) and the client used per level are recorded too. Results go to
 ``bench/results/serving.json`` and the "Serving" section of BENCHMARKS.md.
 """
 
@@ -57,7 +60,7 @@ def _percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------- set-up
 
 
-def publish(home: Path, spec) -> str:
+def publish(home: Path, spec, name: str = MODEL) -> str:
     """Publish a random-weights model; return its ``models:/NAME/VERSION`` URI."""
     import torch
 
@@ -67,10 +70,10 @@ def publish(home: Path, spec) -> str:
     torch.manual_seed(0)
     store = default_store()
     run = TrackingRun.start(store, "serving-bench", "publish", {})
-    published = publish_model(store, run, MODEL, build_unet(spec).state_dict(), spec,
+    published = publish_model(store, run, name, build_unet(spec).state_dict(), spec,
                               {"dice_pooled": 0.5}, {})
     run.end(ok=True)
-    return f"models:/{MODEL}/{published.version}"
+    return f"models:/{name}/{published.version}"
 
 
 def write_series(out: Path, slices: int, size: int) -> list[Path]:
@@ -182,8 +185,29 @@ class Server:
             self.process.wait()
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` and its children so far (0 without one)."""
+    if pid is None:
+        return 0.0
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 async def load(url: str, body: bytes, content_type: str, concurrency: int, requests: int,
-               check: str, warmup: int) -> dict[str, float]:
+               check: str, warmup: int, server_pid: int | None = None) -> dict[str, float]:
     """``requests`` POSTs from ``concurrency`` workers; latency percentiles and throughput."""
     import httpx
 
@@ -207,27 +231,34 @@ async def load(url: str, body: bytes, content_type: str, concurrency: int, reque
             await client.post(url, content=body, headers={"content-type": content_type})
         await asyncio.gather(*(client.post(url, content=body, headers={"content-type": content_type})
                                for _ in range(concurrency)))
+        server0, client0 = cpu_seconds(server_pid), time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
+        server_cpu, client_cpu = cpu_seconds(server_pid) - server0, time.process_time() - client0
     return {
         "concurrency": concurrency, "requests": requests, "errors": errors,
         "throughput_rps": requests / wall,
+        "server_cpu_ms_per_request": 1000 * server_cpu / requests,
+        "client_cpu_ms_per_request": 1000 * client_cpu / requests,
         "p50_ms": 1000 * _percentile(latencies, 50), "p99_ms": 1000 * _percentile(latencies, 99),
         "mean_ms": 1000 * statistics.fmean(latencies),
     }
 
 
 def run_levels(name: str, url: str, body: bytes, content_type: str, levels: list[int],
-               requests: int, check: str, metrics_url: str | None = None) -> list[dict]:
+               requests: int, check: str, metrics_url: str | None = None,
+               server_pid: int | None = None) -> list[dict]:
     rows = []
     for c in levels:
         before = stage_totals(metrics_url) if metrics_url else {}
-        row = asyncio.run(load(url, body, content_type, c, max(requests, 2 * c), check, warmup=5))
+        row = asyncio.run(load(url, body, content_type, c, max(requests, 2 * c), check, warmup=5,
+                               server_pid=server_pid))
         if metrics_url:  # includes the level's warm-up requests
             row["stages_ms"] = stage_means(before, stage_totals(metrics_url))
         print(f"{name:>7} c={c:<3} {row['throughput_rps']:7.2f} req/s  p50 {row['p50_ms']:8.1f} ms  "
-              f"p99 {row['p99_ms']:8.1f} ms  errors {row['errors']}", flush=True)
+              f"p99 {row['p99_ms']:8.1f} ms  server CPU {row['server_cpu_ms_per_request']:6.1f} ms/req  "
+              f"errors {row['errors']}", flush=True)
         rows.append(row)
     return rows
 
@@ -265,74 +296,174 @@ def served_settings(uri: str) -> dict[str, object]:
     from serving.settings import ServingSettings
 
     values = ServingSettings(model_uri=uri).model_dump()
-    return {k: v for k, v in sorted(values.items()) if "batch" in k or k == "device"}
+    out = {k: v for k, v in sorted(values.items()) if "batch" in k or k == "device"}
+    return out
 
 
 # ---------------------------------------------------------------------- report
 
+#: The models measured: key -> (what it is, spec keyword arguments).
+MODELS: dict[str, tuple[str, dict]] = {
+    "default": ("the default spec", {}),
+    "lgg": ("the spec the LGG benchmarks train (bench/quality.py)", {"channels": (16, 32, 64)}),
+    "lgg128": ("an LGG-size U-Net at the FLAIR slices' full 128x128",
+               {"channels": (16, 32, 64, 128), "image_size": 128}),
+}
+WHY_OVERHEAD = (
+    "Why the overhead goal is not met: what `fedseg serve` does around the forward is a fixed "
+    "cost per series, whatever the model: check and parse 16 DICOM files once and decode them "
+    "(pure-Python pydicom, the `read` stage), window and resize a million voxels, resize the "
+    "probabilities back to 256x256, score, threshold and RLE-encode them, and move 2 MiB of "
+    "multipart in and the JSON mask out. That is 35-40 ms at p50 on these two shared cores, "
+    "against a forward of 3-50 ms: under 15% would need a forward of about 250 ms or more. "
+    "`mlflow models serve` does none of that work (it gets preprocessed tensors), which is why "
+    "it is compared on throughput, where the fixed cost is paid once per series, not on overhead."
+)
+THROUGHPUT_GOAL = 2.0  # x `mlflow models serve`
+OVERHEAD_GOAL = 0.15  # of the bare forward, at p50, concurrency 1
 
-def markdown(payload: dict) -> str:
-    b = payload["bare"]
+
+def overhead(model: dict) -> float | None:
+    """(service p50 at concurrency 1 - bare forward) / bare forward."""
+    fed = {r["concurrency"]: r for r in model["results"].get("fedseg", [])}
+    if 1 not in fed:
+        return None
+    forward_ms = 1000 * model["bare"]["forward_s"]
+    return (fed[1]["p50_ms"] - forward_ms) / forward_ms
+
+
+def ratios(model: dict) -> dict[int, float]:
+    fed = {r["concurrency"]: r for r in model["results"].get("fedseg", [])}
+    ml = {r["concurrency"]: r for r in model["results"].get("mlflow", [])}
+    return {c: fed[c]["throughput_rps"] / ml[c]["throughput_rps"] for c in fed if c in ml}
+
+
+def model_markdown(payload: dict, key: str, model: dict) -> list[str]:
+    b = model["bare"]
+    spec = model["spec"]
     lines = [
-        f"Both servers serve the same registered version (`{payload['model_uri']}`: default spec, "
-        f"U-Net {payload['spec']['channels']} at {payload['spec']['image_size']}x"
-        f"{payload['spec']['image_size']}, random weights) of a {payload['series']['slices']}-slice "
-        f"{payload['series']['size']}x{payload['series']['size']} MR series "
-        f"({payload['series']['bytes'] / 2**20:.1f} MiB of DICOM), one process each, on the CPU, "
-        "one after the other, loaded from this machine by httpx async clients "
-        f"({payload['requests']} requests per level after a warm-up of 5 sequential requests and one per "
-        "connection; the client shares the cores). "
-        "`fedseg serve` gets the DICOM files (multipart) and does everything: read, preprocess, "
-        "forward, threshold, triage score, RLE mask. `mlflow models serve --env-manager local` "
-        "gets the same pixels already preprocessed as JSON tensors (what its pyfunc flavor takes) "
-        "and returns raw probabilities as JSON.",
+        f"### {key}: U-Net {tuple(spec['channels'])} at {spec['image_size']}x{spec['image_size']} "
+        f"({model['what']})",
         "",
-        header(payload),
-        "| server | concurrency | throughput (req/s) | p50 (ms) | p99 (ms) | errors |",
-        "|---|---|---|---|---|---|",
+        f"`{model['model_uri']}`; bare U-Net forward on the {b['slices']} preprocessed slices: "
+        f"**{1000 * b['forward_s']:.1f} ms** (median of {payload['repeats']}, this process, torch's "
+        f"default threads); the service's in-process pipeline (read DICOM + `Predictor.predict`): "
+        f"{1000 * b['pipeline_s']:.1f} ms.",
+        "",
+        "| server | concurrency | throughput (req/s) | p50 (ms) | p99 (ms) | server CPU (ms/req) "
+        "| client CPU (ms/req) | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("fedseg", "mlflow"):
-        for r in payload["results"].get(name, []):
-            lines.append(f"| {payload['servers'][name]} | {r['concurrency']} | {r['throughput_rps']:.2f} | "
-                         f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |")
-    lines += [
-        "",
-        f"Bare U-Net forward on the {b['slices']} preprocessed slices: **{1000 * b['forward_s']:.0f} ms** "
-        f"(median of {payload['repeats']}); the service's in-process pipeline (read DICOM + "
-        f"`Predictor.predict`): {1000 * b['pipeline_s']:.0f} ms.",
-    ]
-    fed = {r["concurrency"]: r for r in payload["results"].get("fedseg", [])}
-    if 1 in fed:
-        over = fed[1]["p50_ms"] - 1000 * b["forward_s"]
+        for r in model["results"].get(name, []):
+            lines.append(
+                f"| {name} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r.get('server_cpu_ms_per_request', float('nan')):.1f} | "
+                f"{r.get('client_cpu_ms_per_request', float('nan')):.1f} | {r['errors']} |")
+    lines.append("")
+    rat = ratios(model)
+    if rat:
+        met = all(v >= THROUGHPUT_GOAL for v in rat.values())
         lines.append(
-            f"Overhead of `fedseg serve` over the bare forward at concurrency 1: {over:.0f} ms p50 "
-            f"({fed[1]['p50_ms'] / (1000 * b['forward_s']):.1f}x the forward); of that, "
-            f"{fed[1]['p50_ms'] - 1000 * b['pipeline_s']:.0f} ms is HTTP, multipart, threadpool and "
-            "JSON (p50 minus the in-process pipeline), the rest DICOM decoding, preprocessing and "
-            "postprocessing (below)."
-        )
-    ml = {r["concurrency"]: r for r in payload["results"].get("mlflow", [])}
-    ratios = [f"{c}: {fed[c]['throughput_rps'] / ml[c]['throughput_rps']:.2f}x" for c in fed if c in ml]
-    if ratios:
-        lines.append("Throughput of `fedseg serve` over `mlflow models serve`, by concurrency: "
-                     + ", ".join(ratios) + ".")
-    staged = [r for r in payload["results"].get("fedseg", []) if r.get("stages_ms")]
+            "Throughput of `fedseg serve` over `mlflow models serve`: "
+            + ", ".join(f"c={c}: **{v:.2f}x**" for c, v in rat.items())
+            + f" (goal >= {THROUGHPUT_GOAL:.0f}x: **{'met' if met else 'not met'}**"
+            + ("" if met else f" at c={', '.join(str(c) for c, v in rat.items() if v < THROUGHPUT_GOAL)}")
+            + ").")
+    over = overhead(model)
+    if over is not None:
+        fed1 = next(r for r in model["results"]["fedseg"] if r["concurrency"] == 1)
+        fwd = 1000 * b["forward_s"]
+        lines.append(
+            f"Overhead at p50, concurrency 1: {fed1['p50_ms']:.1f} ms - {fwd:.1f} ms forward = "
+            f"{fed1['p50_ms'] - fwd:.1f} ms, **{100 * over:.0f}%** of the bare forward (goal < "
+            f"{100 * OVERHEAD_GOAL:.0f}%: **{'met' if over < OVERHEAD_GOAL else 'not met'}**); "
+            f"{fed1['p50_ms'] - 1000 * b['pipeline_s']:.1f} ms of it is HTTP, multipart, thread "
+            "hand-off and JSON (p50 minus the in-process pipeline).")
+    staged = [r for r in model["results"].get("fedseg", []) if r.get("stages_ms")]
     if staged:
         names = [k for k in ("read", "preprocess", "forward", "postprocess") if k in staged[0]["stages_ms"]]
-        lines += ["", "Where `fedseg serve`'s time goes, from its own `/metrics` "
-                  "(`fedseg_stage_duration_seconds`, mean ms per observation; forward is per micro-batch, "
-                  "shared by the requests batched together):", "",
+        lines += ["", "Per stage (`fedseg_stage_duration_seconds` from the service's `/metrics`, mean ms; "
+                  "`read` includes the upload checks; `forward` is per micro-batch, shared by the "
+                  "requests batched together):", "",
                   "| concurrency | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for r in staged:
             lines.append(f"| {r['concurrency']} | " + " | ".join(
                 f"{r['stages_ms'].get(k, float('nan')):.1f}" for k in names) + " |")
-        lines.append("")
+    return [*lines, ""]
+
+
+def markdown(payload: dict) -> str:
+    series = payload["series"]
+    lines = [
+        f"Both servers serve the same registered version of each model (random weights) on a "
+        f"{series['slices']}-slice {series['size']}x{series['size']} MR series "
+        f"({series['bytes'] / 2**20:.1f} MiB of DICOM), one process each, on the CPU, one after the "
+        f"other, loaded from this machine by httpx async clients ({payload['requests']} requests per "
+        "level after a warm-up of 5 sequential requests and one per connection; **the client shares "
+        "the two cores with the server**, its CPU per request is in the tables). "
+        "`fedseg serve` gets the DICOM files (multipart) and does everything: check, read, "
+        "preprocess, forward, threshold, triage score, RLE mask. `mlflow models serve "
+        "--env-manager local` gets the same pixels already preprocessed as JSON tensors (what its "
+        "pyfunc flavor takes) and returns raw probabilities as JSON. Overhead = (`fedseg serve` p50 "
+        "at concurrency 1 - bare forward) / bare forward.",
+        "",
+        header(payload),
+    ]
+    for key, model in payload["models"].items():
+        lines += model_markdown(payload, key, model)
+    goals = []
+    for key, model in payload["models"].items():
+        rat, over = ratios(model), overhead(model)
+        if rat:
+            goals.append(f"{key}: throughput {min(rat.values()):.2f}-{max(rat.values()):.2f}x mlflow "
+                         f"({'met' if min(rat.values()) >= THROUGHPUT_GOAL else 'not met'})")
+        if over is not None:
+            goals.append(f"{key}: overhead {100 * over:.0f}% "
+                         f"({'met' if over < OVERHEAD_GOAL else 'not met'})")
+    if goals:
+        lines += ["Goals of issue #5 (>= 2x `mlflow models serve` throughput at every concurrency, "
+                  "< 15% overhead over the bare forward at p50): " + "; ".join(goals) + "."]
     if payload.get("fedseg_settings"):
-        lines.append("`fedseg serve` settings: " + ", ".join(
-            f"{k} {v}" for k, v in payload["fedseg_settings"].items()) + ".")
+        lines += ["", "`fedseg serve` settings: " + ", ".join(
+            f"{k} {v}" for k, v in payload["fedseg_settings"].items()) + "."]
     if payload.get("notes"):
         lines += ["", *payload["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def bench_model(key: str, spec, args: argparse.Namespace, tmp: Path, paths: list[Path],
+                body: bytes, content_type: str, env: dict[str, str]) -> dict:
+    from registry import default_store
+
+    uri = publish(tmp / "home", spec, name=f"{MODEL}-{key}")
+    bare = bare_forward(uri, paths, args.repeats)
+    print(f"[{key}] bare forward {1000 * bare['forward_s']:.1f} ms, pipeline "
+          f"{1000 * bare['pipeline_s']:.1f} ms", flush=True)
+    results: dict[str, list[dict]] = {}
+    if "fedseg" in args.servers:
+        port = _free_port()
+        argv = [str(BIN / "fedseg"), "serve", "--model", uri, "--port", str(port), "--log-level", "warning"]
+        with Server("fedseg", argv, env, f"http://127.0.0.1:{port}/health/ready",
+                    tmp / f"fedseg-{key}.log") as server:
+            results["fedseg"] = run_levels(
+                "fedseg", f"http://127.0.0.1:{port}/v1/predict", body, content_type,
+                args.concurrency, args.requests, '"score"',
+                metrics_url=f"http://127.0.0.1:{port}/metrics", server_pid=server.process.pid)
+    if "mlflow" in args.servers:
+        port = _free_port()
+        mlflow_env = {**env, "MLFLOW_TRACKING_URI": default_store().tracking_uri}
+        argv = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
+                "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
+        with Server("mlflow", argv, mlflow_env, f"http://127.0.0.1:{port}/ping",
+                    tmp / f"mlflow-{key}.log") as server:
+            results["mlflow"] = run_levels(
+                "mlflow", f"http://127.0.0.1:{port}/invocations", mlflow_body(paths, spec),
+                "application/json", args.concurrency, args.requests, "predictions",
+                server_pid=server.process.pid)
+    return {"what": MODELS[key][0], "model_uri": uri,
+            "spec": {"channels": list(spec.channels), "image_size": spec.image_size},
+            "bare": bare, "results": results}
 
 
 def main() -> None:
@@ -342,61 +473,44 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=64, help="requests per level (at least 2x concurrency)")
     parser.add_argument("--repeats", type=int, default=20, help="repeats of the bare forward")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--servers", nargs="+", choices=["fedseg", "mlflow"], default=["fedseg", "mlflow"])
     parser.add_argument("--no-write", action="store_true", help="print only; leave results and BENCHMARKS.md")
     args = parser.parse_args()
 
     from imaging.spec import ModelSpec
 
-    spec = ModelSpec()
     tmp = Path(tempfile.mkdtemp(prefix="fedseg-serving-bench-"))
-    home = tmp / "home"
-    os.environ["FEDSEG_HOME"] = str(home)
+    os.environ["FEDSEG_HOME"] = str(tmp / "home")
     os.environ.update(FEDSEG_SERVE_AUTH="off", FEDSEG_SERVE_DEVICE="cpu")  # loopback, CPU
     for var in ("FEDSEG_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"):
         os.environ.pop(var, None)
     load_before = os.getloadavg()
+    started = time.monotonic()
     try:
-        from registry import default_store
-
-        uri = publish(home, spec)
         paths = write_series(tmp / "series", args.slices, args.size)
         body, content_type = multipart(paths)
-        bare = bare_forward(uri, paths, args.repeats)
-        print(f"bare forward {1000 * bare['forward_s']:.1f} ms, pipeline {1000 * bare['pipeline_s']:.1f} ms",
-              flush=True)
         env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                "FEDSEG_SERVE_AUTH": "off", "FEDSEG_SERVE_DEVICE": "cpu",
                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # mlflow execs `uvicorn`
-        results: dict[str, list[dict]] = {}
-        if "fedseg" in args.servers:
-            port = _free_port()
-            fedseg_argv = [str(BIN / "fedseg"), "serve", "--model", uri, "--port", str(port),
-                           "--log-level", "warning"]
-            with Server("fedseg", fedseg_argv, env, f"http://127.0.0.1:{port}/health/ready", tmp / "fedseg.log"):
-                results["fedseg"] = run_levels("fedseg", f"http://127.0.0.1:{port}/v1/predict", body,
-                                               content_type, args.concurrency, args.requests, '"score"',
-                                               metrics_url=f"http://127.0.0.1:{port}/metrics")
-        if "mlflow" in args.servers:
-            port = _free_port()
-            mlflow_env = {**env, "MLFLOW_TRACKING_URI": default_store().tracking_uri}
-            mlflow_argv = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
-                           "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
-            with Server("mlflow", mlflow_argv, mlflow_env, f"http://127.0.0.1:{port}/ping", tmp / "mlflow.log"):
-                results["mlflow"] = run_levels("mlflow", f"http://127.0.0.1:{port}/invocations",
-                                               mlflow_body(paths, spec), "application/json",
-                                               args.concurrency, args.requests, "predictions")
+        models = {key: bench_model(key, ModelSpec(**MODELS[key][1]), args, tmp, paths, body,
+                                   content_type, env)
+                  for key in args.models}
+        load_after = os.getloadavg()
         payload = {
             "date": now(), "machine": machine(), "command": command_line(), "code_version": git_version(),
-            "json": "bench/results/serving.json", "model_uri": uri,
-            "spec": {"channels": list(spec.channels), "image_size": spec.image_size},
+            "json": "bench/results/serving.json",
             "series": {"slices": args.slices, "size": args.size, "bytes": sum(p.stat().st_size for p in paths)},
-            "requests": args.requests, "repeats": args.repeats, "bare": bare, "results": results,
+            "requests": args.requests, "repeats": args.repeats, "models": models,
             "servers": {"fedseg": "`fedseg serve` (DICOM in, mask out)",
                         "mlflow": "`mlflow models serve` (tensor in, probabilities out)"},
-            "fedseg_settings": served_settings(uri),
+            "fedseg_settings": served_settings(next(iter(models.values()))["model_uri"]),
+            "seconds": round(time.monotonic() - started),
             "notes": [f"Load average (1, 5, 15 min) when the run started: "
-                      f"{', '.join(f'{v:.2f}' for v in load_before)} on {os.cpu_count()} cores."],
+                      f"{', '.join(f'{v:.2f}' for v in load_before)}, when it ended: "
+                      f"{', '.join(f'{v:.2f}' for v in load_after)}, on {os.cpu_count()} cores "
+                      "(the bench itself keeps up to two busy); "
+                      f"{round(time.monotonic() - started)} s in all.", WHY_OVERHEAD],
         }
         if args.no_write:
             print(markdown(payload))

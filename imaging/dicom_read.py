@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID
 
 from imaging.errors import DicomReadError, SeriesError, UnsupportedTransferSyntaxError
@@ -24,6 +24,8 @@ from imaging.volume import Volume
 __all__ = [
     "GEOMETRY_ASSUMED_MARKER",
     "DicomSource",
+    "SeriesSource",
+    "read_dataset",
     "read_header",
     "read_series",
     "group_series",
@@ -36,6 +38,10 @@ __all__ = [
 GEOMETRY_ASSUMED_MARKER = "geometry assumed"
 
 DicomSource = Path | str | BinaryIO
+#: What :func:`read_series` takes per instance: a file, or a data set already parsed (with its
+#: pixel data, not decoded), so that a caller that has parsed the file to check it (the upload
+#: checks of ``serving.uploads``) does not parse it again.
+SeriesSource = DicomSource | Dataset
 
 
 def _name(source: DicomSource, index: int) -> str:
@@ -82,6 +88,17 @@ def read_header(source: DicomSource, *, name: str | None = None) -> Dataset:
         The file does not exist or is not DICOM.
     """
     return _dcmread(source, name or _name(source, 0), stop_before_pixels=True)
+
+
+def read_dataset(source: DicomSource, *, name: str | None = None) -> Dataset:
+    """Parse one whole file, pixel data included but not decoded (one parse for header and pixels).
+
+    Raises
+    ------
+    DicomReadError
+        The file does not exist or is not DICOM.
+    """
+    return _dcmread(source, name or _name(source, 0), stop_before_pixels=False)
 
 
 def check_decodable(ds: Dataset, name: str) -> None:
@@ -193,13 +210,17 @@ def _str(ds: Dataset, key: str) -> str:
     return "" if value is None else str(value)
 
 
-def read_series(paths: Sequence[DicomSource]) -> Volume:
+def read_series(paths: Sequence[SeriesSource], *, names: Sequence[str] | None = None) -> Volume:
     """Read the single-frame instances of one series into a :class:`Volume`.
 
     Parameters
     ----------
-    paths : sequence of Path, str or binary file-like objects
-        All instances of one series, in any order (e.g. the files of an upload).
+    paths : sequence of Path, str, binary file-like objects or pydicom Datasets
+        All instances of one series, in any order (e.g. the files of an upload). A Dataset is
+        used as it is (it must hold its pixel data): each file is parsed once.
+    names : sequence of str, optional
+        The instances' names for error messages (default: the path, the object's ``name``, or
+        ``<upload #N>``).
 
     Returns
     -------
@@ -219,8 +240,15 @@ def read_series(paths: Sequence[DicomSource]) -> Volume:
     """
     if len(paths) == 0:
         raise DicomReadError("no DICOM instances given: send the files of one series")
-    names = [_name(p, i) for i, p in enumerate(paths)]
-    datasets = [_dcmread(p, n, stop_before_pixels=False) for p, n in zip(paths, names)]
+    if names is None:
+        names = [_name(p, i) for i, p in enumerate(paths)]
+    elif len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} instances")
+    names = list(names)
+    datasets = [
+        p if isinstance(p, Dataset) else _dcmread(p, n, stop_before_pixels=False)
+        for p, n in zip(paths, names)
+    ]
 
     for ds, name in zip(datasets, names):
         if "PixelData" not in ds:
@@ -252,11 +280,12 @@ def read_series(paths: Sequence[DicomSource]) -> Volume:
     datasets = [datasets[i] for i in order]
     names = [names[i] for i in order]
 
-    slices = []
-    for ds, name in zip(datasets, names):
+    rows, cols = shapes.pop()
+    pixels = np.empty((len(datasets), rows, cols), dtype=np.float32)  # filled slice by slice
+    for index, (ds, name) in enumerate(zip(datasets, names)):
         check_decodable(ds, name)
         try:
-            stored = ds.pixel_array
+            stored = pixel_array(ds)  # decoded once, not cached on the data set
         except Exception as exc:  # a decoder that is present can still fail on the data
             uid = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in ds.file_meta else "?"
             cls = UnsupportedTransferSyntaxError if UID(str(uid)).is_compressed else DicomReadError
@@ -266,7 +295,10 @@ def read_series(paths: Sequence[DicomSource]) -> Volume:
             ) from exc
         if stored.ndim != 2:
             raise DicomReadError(f"{name}: expected one grey-scale frame, got shape {stored.shape}")
-        slices.append(np.asarray(apply_modality_lut(stored, ds), dtype=np.float32))
+        if stored.shape != (rows, cols):  # Rows/Columns that do not describe the pixel data
+            raise DicomReadError(f"{name}: pixel data of shape {stored.shape}, but Rows x Columns "
+                                 f"is {rows} x {cols}")
+        pixels[index] = apply_modality_lut(stored, ds)  # cast to float32 on assignment
 
     spacing, guessed = _spacing(datasets)
     first = datasets[0]
@@ -279,7 +311,7 @@ def read_series(paths: Sequence[DicomSource]) -> Volume:
     if "FrameOfReferenceUID" in first:
         extra["frame_of_reference_uid"] = _str(first, "FrameOfReferenceUID")
     return Volume(
-        pixels=np.stack(slices).astype(np.float32, copy=False),
+        pixels=pixels,
         spacing=spacing,
         series_uid=series[0],
         study_uid=_str(first, "StudyInstanceUID"),

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from pydicom.dataset import Dataset
 
-from imaging.dicom_read import read_header, read_series
+from imaging.dicom_read import read_dataset, read_series
 from imaging.volume import Volume
 
 from .drift import observe_input
@@ -17,7 +18,7 @@ from .metrics import observe_stage
 from .predictor import Prediction, Predictor
 from .rle import rle_encode
 from .schemas import PredictResponse, RleMask
-from .uploads import UploadedFile, check_dicom
+from .uploads import DicomLimits, UploadedFile, check_dicom
 
 __all__ = ["Analysis", "Segmenter", "analyse", "to_response"]
 
@@ -37,7 +38,8 @@ class Analysis:
     volume : Volume
         The series as read by :func:`imaging.dicom_read.read_series`.
     headers : list of Dataset
-        One header per uploaded instance (no pixel data), in upload order.
+        One data set per uploaded instance, in upload order: the one parsed for the checks and
+        the read (pixel data read but not needed; a SEG takes only the headers).
     prediction : Prediction
         Mask, score and triage status, in ``volume``'s slice order.
     model_name, model_version : str, int
@@ -54,10 +56,14 @@ class Analysis:
     triage_threshold: float
 
 
-def analyse(models: Segmenter, files: Sequence[UploadedFile]) -> Analysis:
+def analyse(
+    models: Segmenter, files: Sequence[UploadedFile], *, limits: DicomLimits | None = None
+) -> Analysis:
     """Check, read and segment the instances of one series (blocking: run it in a thread).
 
-    ``models`` picks the version (champion, or the challenger for a canary study).
+    ``models`` picks the version (champion, or the challenger for a canary study). Files not yet
+    checked are checked first under ``limits`` (:func:`serving.uploads.check_dicom`; pass the
+    app's, :func:`serving.uploads.limits_of`); each file is parsed once, by that check.
 
     Raises
     ------
@@ -65,9 +71,11 @@ def analyse(models: Segmenter, files: Sequence[UploadedFile]) -> Analysis:
         A file is not DICOM, or the files are not one readable series.
     """
     start = time.perf_counter()
-    check_dicom(files)
-    volume = read_series([f.open() for f in files])
-    headers = [read_header(f.open(), name=f.name) for f in files]
+    files = check_dicom(files, limits)
+    names = [f.name for f in files]
+    headers = [f.dataset if f.dataset is not None else read_dataset(f.open(), name=f.name)
+               for f in files]  # parsed by the check: no second parse
+    volume = read_series(headers, names=names)
     read_s = time.perf_counter() - start
     prediction, predictor = models.predict(volume)
     observe_stage("read", read_s, predictor.version)
@@ -85,5 +93,12 @@ def to_response(analysis: Analysis) -> PredictResponse:
         series_instance_uid=analysis.volume.series_uid,
         score=analysis.prediction.score,
         status=analysis.prediction.status,
-        mask=RleMask(shape=list(mask.shape), rle=rle_encode(mask)),
+        mask=RleMask(shape=list(mask.shape), rle=rle_encode(_as_bool(mask))),
     )
+
+
+def _as_bool(mask: np.ndarray) -> np.ndarray:
+    """A 0/1 uint8 mask as a bool view (no copy, no value check), other masks as they are."""
+    if mask.dtype == np.uint8 and mask.flags.c_contiguous and mask.size and mask.max() <= 1:
+        return mask.view(np.bool_)
+    return mask

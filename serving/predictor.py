@@ -71,6 +71,12 @@ class Predictor:
     concurrently, while the forwards of concurrent requests are micro-batched
     (:class:`serving.batching.MicroBatcher`) and serialised.
 
+    Threads: on the CPU the forward (one at a time) uses torch's intra-op threads (``threads``,
+    default: what torch chose, one per core), while pre- and post-processing, which run in
+    several request threads at once, use one each; otherwise every request thread would start
+    a team of OpenMP threads and the cores would be oversubscribed (torch's thread count is a
+    per-thread OpenMP setting, set before each stage).
+
     Parameters
     ----------
     model : registry.LoadedModel
@@ -83,6 +89,8 @@ class Predictor:
         Most slices of concurrent requests combined into one forward.
     max_wait_ms : float
         Longest wait of a request for announced concurrent requests to join its batch.
+    threads : int, optional
+        Intra-op threads of the forward on the CPU (default: ``torch.get_num_threads()``).
 
     Raises
     ------
@@ -98,6 +106,7 @@ class Predictor:
         batch_size: int = 32,
         max_batch_slices: int = 64,
         max_wait_ms: float = 2.0,
+        threads: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -107,6 +116,7 @@ class Predictor:
         self.device = select_device(device)
         self.batch_size = batch_size
         self._net = load_state_dict(model.spec, model.state_dict).to(self.device).eval()
+        self._threads = max(1, int(threads or torch.get_num_threads()))
         self._lock = threading.Lock()
         self._batcher = MicroBatcher(
             self._forward, max_slices=max_batch_slices, max_wait_s=max_wait_ms / 1000.0,
@@ -130,9 +140,13 @@ class Predictor:
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
         with self._lock, torch.inference_mode():
-            return predict_probabilities(
-                self._net, images, device=self.device, batch_size=self.batch_size
-            )
+            torch.set_num_threads(self._threads)  # this thread's OpenMP team: all cores
+            try:
+                return predict_probabilities(
+                    self._net, images, device=self.device, batch_size=self.batch_size
+                )
+            finally:
+                torch.set_num_threads(1)  # back to one for the request's own work
 
     def predict(self, volume: Volume) -> Prediction:
         """Segment and triage one series.
@@ -143,6 +157,7 @@ class Predictor:
             The pixels cannot be preprocessed (empty, NaN or infinite values).
         """
         _, rows, cols = volume.shape
+        torch.set_num_threads(1)  # concurrent requests: one thread each (see the class notes)
         with self._batcher.ticket() as ticket:
             start = time.perf_counter()
             images = preprocess_image(volume.pixels, self.spec)

@@ -1,7 +1,10 @@
 """Turning a multipart upload into in-memory DICOM files, within the service's limits.
 
 Every instance is checked before any pixel is decoded (:func:`check_dicom`), each refusal naming
-its rule:
+its rule. Each file is parsed once: the file meta alone first (transfer syntax), then, once the
+syntax is allowed and a deflated data set has passed the bomb guard, the whole data set (pixel
+data read, not decoded), which the checks use and keep (:attr:`UploadedFile.dataset`) for
+:func:`imaging.dicom_read.read_series`:
 
 - **file meta**: a DICOM Part 10 file (128-byte preamble, ``DICM``, group 0002 with a
   TransferSyntaxUID);
@@ -19,7 +22,7 @@ from __future__ import annotations
 import io
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pydicom.uid as dcm_uid
 from pydicom.dataset import Dataset
@@ -31,7 +34,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from imaging.dicom_read import read_header
+from imaging.dicom_read import read_dataset
 from imaging.errors import DicomReadError
 
 from .errors import (
@@ -54,6 +57,7 @@ __all__ = [
     "UploadedFile",
     "check_dicom",
     "declared_pixel_bytes",
+    "limits_of",
     "read_uploads",
 ]
 
@@ -102,6 +106,9 @@ class UploadedFile:
     name: str
     data: bytes
     checked: bool = False  # passed :func:`check_dicom` (read_uploads checks before returning)
+    #: The data set parsed by :func:`check_dicom` (pixel data read, not decoded), so that reading
+    #: the series does not parse the file again; None until checked.
+    dataset: Dataset | None = field(default=None, compare=False, repr=False)
 
     def open(self) -> io.BytesIO:
         """A fresh file-like object whose ``name`` is the upload's file name (for messages)."""
@@ -111,7 +118,12 @@ class UploadedFile:
 
 
 async def read_uploads(
-    request: Request, *, max_bytes: int, max_files: int, limits: DicomLimits | None = None
+    request: Request,
+    *,
+    max_bytes: int,
+    max_files: int,
+    limits: DicomLimits | None = None,
+    check: bool = True,
 ) -> list[UploadedFile]:
     """Read the ``files`` field of a multipart request into memory and check it as DICOM.
 
@@ -120,6 +132,11 @@ async def read_uploads(
     files are then checked with :func:`check_dicom` (in a worker thread) under ``limits``
     (default: from the app's settings).
 
+    With ``check=False`` the DICOM checks are left to the caller, which must run
+    :func:`check_dicom` (with :func:`limits_of` the request) before it reads a pixel: the
+    prediction routes do so in the same worker thread as the prediction (one thread hop per
+    request, not two); :func:`serving.inference.analyse` checks what was not checked.
+
     Raises
     ------
     NotMultipartError, MalformedUploadError, EmptyUploadError, TooManyInstancesError,
@@ -127,10 +144,14 @@ async def read_uploads(
     DeflateBombError
     """
     uploads = await _read_form(request, max_bytes=max_bytes, max_files=max_files)
-    if limits is None:
-        limits = DicomLimits.from_settings(getattr(request.app.state, "settings", None))
-    await run_in_threadpool(check_dicom, uploads, limits)
-    return [replace(u, checked=True) for u in uploads]
+    if not check:
+        return uploads
+    return await run_in_threadpool(check_dicom, uploads, limits or limits_of(request))
+
+
+def limits_of(request: Request) -> DicomLimits:
+    """The DICOM limits of the app serving ``request`` (its settings)."""
+    return DicomLimits.from_settings(getattr(request.app.state, "settings", None))
 
 
 async def _read_form(request: Request, *, max_bytes: int, max_files: int) -> list[UploadedFile]:
@@ -189,11 +210,19 @@ async def _read_form(request: Request, *, max_bytes: int, max_files: int) -> lis
         await form.close()
 
 
-def check_dicom(files: Sequence[UploadedFile], limits: DicomLimits | None = None) -> None:
+def check_dicom(
+    files: Sequence[UploadedFile], limits: DicomLimits | None = None
+) -> list[UploadedFile]:
     """Check every file from its headers, before any pixel is decoded (see the module's rules).
 
     Files already checked (``checked``) are skipped. The first StudyInstanceUID goes to the
     request's audit line (hashed).
+
+    Returns
+    -------
+    list of UploadedFile
+        The files, in order, marked ``checked``, each with the data set parsed for the checks
+        (``dataset``; already checked files as they were).
 
     Raises
     ------
@@ -209,14 +238,16 @@ def check_dicom(files: Sequence[UploadedFile], limits: DicomLimits | None = None
     limits = limits or DicomLimits()
     budget = limits.max_pixel_bytes
     used = 0
+    out: list[UploadedFile] = []
     for upload in files:
         if upload.checked:
+            out.append(upload)
             continue
         syntax = _transfer_syntax(upload)
         if syntax == dcm_uid.DeflatedExplicitVRLittleEndian:
             _guard_deflate(upload, limit=budget - used + HEADER_ALLOWANCE)
-        try:
-            header = read_header(upload.open(), name=upload.name)
+        try:  # the one full parse: pixel data is read as bytes, not decoded
+            header = read_dataset(upload.open(), name=upload.name)
         except DicomReadError as exc:
             raise NotDicomError(str(exc)) from None
         size = declared_pixel_bytes(header, upload.name)
@@ -229,6 +260,8 @@ def check_dicom(files: Sequence[UploadedFile], limits: DicomLimits | None = None
             )
         if study := str(header.get("StudyInstanceUID", "") or ""):
             note_study(study)
+        out.append(replace(upload, checked=True, dataset=header))
+    return out
 
 
 def _transfer_syntax(upload: UploadedFile) -> str:

@@ -29,8 +29,8 @@ from ..jobs import (
 )
 from ..outputs import target_from_settings
 from ..schemas import ErrorResponse, PredictResponse
-from ..uploads import FILES_FIELD, read_uploads
-from .predict import STORE_QUERY, http_status
+from ..uploads import read_uploads
+from .predict import STORE_QUERY, http_status, multipart_files_body
 
 __all__ = ["router", "JobResponse", "JobResult", "IDEMPOTENCY_HEADER"]
 
@@ -82,26 +82,7 @@ def _http(exc: Exception) -> HTTPException:
 
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 409, 413, 415, 422)}
-_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": [FILES_FIELD],
-                    "properties": {
-                        FILES_FIELD: {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "the DICOM instances of one or more series",
-                        }
-                    },
-                }
-            }
-        },
-    }
-}
+_BODY = multipart_files_body("the DICOM instances of one or more series")
 
 
 @router.post(

@@ -37,9 +37,13 @@ from ..outputs import (
 )
 from ..outputs.seg import DICOM_MEDIA_TYPE
 from ..schemas import ErrorResponse, PredictResponse
-from ..uploads import FILES_FIELD, UploadedFile, read_uploads
+from ..uploads import FILES_FIELD, DicomLimits, UploadedFile, limits_of, read_uploads
 
-__all__ = ["router", "http_status", "wants_dicom", "MODEL_VERSION_HEADER", "STORE_QUERY", "SERIES_BODY"]
+__all__ = [
+    "router", "http_status", "json_response", "wants_dicom", "MODEL_VERSION_HEADER", "STORE_QUERY",
+    "SERIES_BODY",
+    "multipart_files_body",
+]
 
 MODEL_VERSION_HEADER = "X-Model-Version"
 
@@ -97,15 +101,27 @@ def wants_dicom(accept: str | None) -> bool:
 
 
 def _infer(
-    models: Segmenter, files: Sequence[UploadedFile], *, dicom: bool, target: StowTarget | None
-) -> tuple[PredictResponse, SegObject | None]:
-    """Blocking part of a request: read, check, predict, encode, SEG and STOW (in the threadpool)."""
-    analysis = analyse(models, files)
+    models: Segmenter, files: Sequence[UploadedFile], limits: DicomLimits, *, dicom: bool,
+    target: StowTarget | None,
+) -> tuple[PredictResponse, SegObject | None, bytes | None]:
+    """Blocking part of a request: check, read, predict, encode, SEG and STOW (one worker thread).
+
+    The DICOM checks (:func:`serving.uploads.check_dicom`, under ``limits``) run here, before
+    any pixel is decoded, so that a request costs one thread hop; so does the JSON encoding.
+    """
+    analysis = analyse(models, files, limits=limits)
     result = to_response(analysis)
     seg = build_seg(analysis) if dicom or target is not None else None
     if seg is not None and target is not None:
         result.stored = store_seg(seg, target)
-    return result, seg
+    body = None if dicom and seg is not None else result.model_dump_json(exclude_none=True).encode()
+    return result, seg, body
+
+
+def json_response(body: bytes, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer already encoded (by pydantic, off the event loop): FastAPI does not validate
+    and re-encode a returned :class:`Response`, which costs milliseconds for a long RLE mask."""
+    return Response(body, media_type="application/json", headers=headers)
 
 
 _ERRORS = {
@@ -113,27 +129,15 @@ _ERRORS = {
     for code in (400, 413, 415, 422, 502, 503)
 }
 
+def multipart_files_body(description: str) -> dict:
+    """The OpenAPI request body of a route that takes DICOM instances as multipart ``files``."""
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}, "description": description}
+    schema = {"type": "object", "required": [FILES_FIELD], "properties": {FILES_FIELD: files}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 #: The request body of the routes that take one series (OpenAPI).
-SERIES_BODY: dict = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": [FILES_FIELD],
-                    "properties": {
-                        FILES_FIELD: {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "the DICOM instances of one series",
-                        }
-                    },
-                }
-            }
-        },
-    }
-}
+SERIES_BODY: dict = multipart_files_body("the DICOM instances of one series")
 
 #: ``?store=true``: also store the SEG in the PACS (STOW-RS to ``FEDSEG_SERVE_STOW_URL``).
 STORE_QUERY = Query(
@@ -154,7 +158,6 @@ STORE_QUERY = Query(
 )
 async def predict(
     request: Request,
-    response: Response,
     models: ModelsDep,
     settings: SettingsDep,
     store: bool = STORE_QUERY,
@@ -174,16 +177,18 @@ async def predict(
     try:
         models.champion.require()  # 503 before reading the upload
         target = target_from_settings(settings) if store else None
-        files = await read_uploads(
-            request, max_bytes=settings.max_upload_bytes, max_files=settings.max_instances
+        files = await read_uploads(  # DICOM checks in _infer's thread, before any decoding
+            request, max_bytes=settings.max_upload_bytes, max_files=settings.max_instances,
+            check=False,
         )
-        result, seg = await run_in_threadpool(_infer, models, files, dicom=dicom, target=target)
+        result, seg, body = await run_in_threadpool(
+            _infer, models, files, limits_of(request), dicom=dicom, target=target
+        )
     except (ServingError, ImagingError) as exc:
         code = http_status(exc)
         if code is None:  # pragma: no cover - every listed base has a code
             raise
         raise HTTPException(code, detail=str(exc)) from exc
-    response.headers[MODEL_VERSION_HEADER] = str(result.model_version)
     if dicom and seg is not None:
         headers = {MODEL_VERSION_HEADER: str(result.model_version),
                    "Content-Disposition": f'attachment; filename="{seg.sop_instance_uid}.dcm"'}
@@ -193,4 +198,5 @@ async def predict(
                 f"/instances/{seg.sop_instance_uid}"
             )
         return Response(seg.data, media_type=DICOM_MEDIA_TYPE, headers=headers)
-    return result
+    assert body is not None
+    return json_response(body, {MODEL_VERSION_HEADER: str(result.model_version)})

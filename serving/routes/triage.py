@@ -14,7 +14,7 @@ from imaging.errors import ImagingError
 from ..deps import ModelsDep, SettingsDep
 from ..errors import ServingError
 from ..inference import Segmenter, analyse
-from ..uploads import UploadedFile, read_uploads
+from ..uploads import DicomLimits, UploadedFile, limits_of, read_uploads
 from .predict import _ERRORS, MODEL_VERSION_HEADER, SERIES_BODY, http_status
 
 __all__ = ["router", "TriageResponse"]
@@ -33,8 +33,8 @@ class TriageResponse(BaseModel):
     model_version: int
 
 
-def _triage(models: Segmenter, files: Sequence[UploadedFile]) -> TriageResponse:
-    analysis = analyse(models, files)
+def _triage(models: Segmenter, files: Sequence[UploadedFile], limits: DicomLimits) -> TriageResponse:
+    analysis = analyse(models, files, limits=limits)  # checks first, in this worker thread
     return TriageResponse(
         id=analysis.volume.series_uid,
         status=analysis.prediction.status,
@@ -56,10 +56,11 @@ async def triage(
     """
     try:
         models.champion.require()  # 503 before reading the upload
-        files = await read_uploads(
-            request, max_bytes=settings.max_upload_bytes, max_files=settings.max_instances
+        files = await read_uploads(  # DICOM checks in _triage's thread, before any decoding
+            request, max_bytes=settings.max_upload_bytes, max_files=settings.max_instances,
+            check=False,
         )
-        result = await run_in_threadpool(_triage, models, files)
+        result = await run_in_threadpool(_triage, models, files, limits_of(request))
     except (ServingError, ImagingError) as exc:
         code = http_status(exc)
         if code is None:  # pragma: no cover - every listed base has a code
