@@ -1,17 +1,16 @@
 """Robustness with figures: one of five hospitals misbehaves, the global model does not suffer.
 
-Five 64 px synthetic hospitals, the demo's run config (6 rounds x 2 local epochs), every round
+Five 64 px synthetic hospitals, the demo's model and local training for 10 rounds, every round
 through the real ServerApp logic and ClientApp (see ``robustness_scenarios.py``). Seeded, so
 the figures are the same on every run on one machine; ``bench/robustness.py`` records them in
-BENCHMARKS.md. Measured on a 2-core Xeon (pooled Dice of the final model):
-clean FedAvg 0.826; NaN site 0.850 = the reference without that site's update, to the bit;
-sign-flip x5 FedAvg 0.027, FedMedian 0.819.
+BENCHMARKS.md. Measured on a 2-core EPYC (pooled Dice of the final model): clean FedAvg 0.910;
+sign-flip x5 FedAvg about 0.03, FedTrimmedAvg 0.906, FedMedian 0.855.
 
 What "Dice unaffected" means here: a rejected update must have no influence at all, so the run
 with a NaN site is compared with the run in which that site sends no update (it drops out of
 every training round but still evaluates), and the published weights must be identical. The
 clean five-site run is not the right reference: it also has the attacker's honest data, and
-losing one site of five moves the final Dice by about 0.02 (0.826 vs 0.850 measured), more than
+losing one site of five moves the final Dice by a few hundredths, more than
 a tolerance of 0.01 would allow, for reasons unrelated to the NaN.
 """
 
@@ -25,9 +24,12 @@ pytestmark = [pytest.mark.robustness, pytest.mark.slow]
 
 # The clean run must really learn, or "no degradation" would mean nothing.
 MIN_CLEAN_DICE = 0.6
-# Issue #6: a robust strategy under attack stays within 0.03 Dice of the clean run.
+# Issue #6: a robust strategy under attack stays within 0.03 Dice of the clean run. The strategy is
+# FedTrimmedAvg with beta 0.2: of five updates it drops the highest and the lowest per coordinate,
+# which is exactly one attacker's room. (FedMedian also resists the attack but learns less per round
+# from five sites: 0.855 vs 0.910 clean after 10 rounds; bench/robustness.py records it and Krum.)
 ROBUST_TOLERANCE = 0.03
-# FedAvg under the same attack must lose at least this much (measured: 0.80, 0.826 -> 0.027):
+# FedAvg under the same attack must lose at least this much (measured: about 0.8, to Dice 0.03):
 # ten times the robust tolerance, so the two outcomes cannot be confused.
 FEDAVG_MIN_DROP = 0.30
 
@@ -75,16 +77,16 @@ def test_a_nan_site_is_rejected_every_round_and_has_no_influence(scenario) -> No
 
 def test_a_robust_strategy_survives_a_sign_flipping_site_that_breaks_fedavg(scenario) -> None:
     clean = scenario("clean/fedavg")
-    fedavg, median = scenario("signflip5/fedavg"), scenario("signflip5/fedmedian")
+    fedavg, robust = scenario("signflip5/fedavg"), scenario("signflip5/fedtrimmedavg")
     assert clean.metrics["dice_pooled"] > MIN_CLEAN_DICE, clean.rounds
 
     # the flipped update is 5x an honest one: within the norm bound (10x the median), so it is
     # not rejected; whatever happens is the strategy's doing
-    assert fedavg.rejections == [] and median.rejections == []
+    assert fedavg.rejections == [] and robust.rejections == []
     assert _rejected_steps(fedavg, ATTACKER) == []
 
     drop = clean.metrics["dice_pooled"] - fedavg.metrics["dice_pooled"]
     assert drop >= FEDAVG_MIN_DROP, fedavg.rounds
-    assert abs(median.metrics["dice_pooled"] - clean.metrics["dice_pooled"]) <= ROBUST_TOLERANCE, median.rounds
+    assert abs(robust.metrics["dice_pooled"] - clean.metrics["dice_pooled"]) <= ROBUST_TOLERANCE, robust.rounds
     # the worst site too, not only the pooled figure
-    assert median.metrics["dice_min"] > clean.metrics["dice_min"] - 2 * ROBUST_TOLERANCE, median.rounds
+    assert robust.metrics["dice_min"] > clean.metrics["dice_min"] - 2 * ROBUST_TOLERANCE, robust.rounds
