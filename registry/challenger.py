@@ -25,7 +25,6 @@ does not verify.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from .errors import ModelNotFoundError, PromotionRefusedError, RegistryError
+from .history import append_history, read_history
 from .promotion import _login
 from .publish import CHAMPION
 from .store import RegistryStore
@@ -52,7 +52,6 @@ __all__ = [
 
 CHALLENGER = "challenger"
 CHALLENGER_HISTORY_TAG = "fedseg.challenger_history"
-_MAX_CHARS = 90_000  # MLflow caps a registry tag value at 100,000 characters
 # what MLflow answers when a model, version or alias is not there (any other error: the registry
 # could not say, which is not the same as "there is none")
 _MISSING_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
@@ -165,16 +164,7 @@ def read_challenger_history(store: RegistryStore, name: str) -> list[dict[str, A
     RegistryError
         The tag exists but is not a JSON list of entries.
     """
-    raw = (_model(store, name).tags or {}).get(CHALLENGER_HISTORY_TAG)
-    if not raw:
-        return []
-    try:
-        entries = json.loads(raw)
-    except ValueError as exc:
-        raise RegistryError(f"tag {CHALLENGER_HISTORY_TAG} of {name!r} is not JSON: {exc}") from None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise RegistryError(f"tag {CHALLENGER_HISTORY_TAG} of {name!r} is not a JSON list of entries")
-    return entries
+    return read_history(store, name, CHALLENGER_HISTORY_TAG)
 
 
 def alias_version(store: RegistryStore, name: str, alias: str) -> int | None:
@@ -256,12 +246,7 @@ def _record(
         "actor": actor or _login(),
         "reason": reason.strip() if reason and reason.strip() else None,
     }
-    entries = [*read_challenger_history(store, name), entry]
-    text = json.dumps(entries, sort_keys=True, separators=(",", ":"))
-    while len(text) > _MAX_CHARS and len(entries) > 1:  # drop the oldest, as the champion's does
-        entries = entries[1:]
-        text = json.dumps(entries, sort_keys=True, separators=(",", ":"))
-    store.client().set_registered_model_tag(name, CHALLENGER_HISTORY_TAG, text)
+    append_history(store, name, entry, CHALLENGER_HISTORY_TAG)
     return entry
 
 

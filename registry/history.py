@@ -29,8 +29,8 @@ HISTORY_TAG = "fedseg.champion_history"
 _MAX_CHARS = 90_000  # MLflow caps a registry tag value at 100,000 characters
 
 
-def read_history(store: RegistryStore, name: str) -> list[dict[str, Any]]:
-    """The model's champion history, oldest first (empty when it has none).
+def read_history(store: RegistryStore, name: str, tag: str = HISTORY_TAG) -> list[dict[str, Any]]:
+    """The model's champion history (or the history in ``tag``), oldest first (empty when none).
 
     Raises
     ------
@@ -43,29 +43,31 @@ def read_history(store: RegistryStore, name: str) -> list[dict[str, Any]]:
         model = store.client().get_registered_model(name)
     except MlflowException as exc:
         raise ModelNotFoundError(f"no registered model {name!r} at {store.tracking_uri}") from exc
-    raw = (model.tags or {}).get(HISTORY_TAG)
+    raw = (model.tags or {}).get(tag)
     if not raw:
         return []
     try:
         entries = json.loads(raw)
     except ValueError as exc:
-        raise RegistryError(f"tag {HISTORY_TAG} of {name!r} is not JSON: {exc}") from None
+        raise RegistryError(f"tag {tag} of {name!r} is not JSON: {exc}") from None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise RegistryError(f"tag {HISTORY_TAG} of {name!r} is not a JSON list of entries")
+        raise RegistryError(f"tag {tag} of {name!r} is not a JSON list of entries")
     return entries
 
 
-def append_history(store: RegistryStore, name: str, entry: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Append ``entry`` to the model's history and write it back; returns the new history.
+def append_history(
+    store: RegistryStore, name: str, entry: Mapping[str, Any], tag: str = HISTORY_TAG
+) -> list[dict[str, Any]]:
+    """Append ``entry`` to the model's history in ``tag`` and write it back; returns the new history.
 
     When the JSON would exceed MLflow's tag size limit, the oldest entries are dropped.
     """
-    entries = [*read_history(store, name), dict(entry)]
+    entries = [*read_history(store, name, tag), dict(entry)]
     text = json.dumps(entries, sort_keys=True, separators=(",", ":"))
     while len(text) > _MAX_CHARS and len(entries) > 1:
         entries = entries[1:]
         text = json.dumps(entries, sort_keys=True, separators=(",", ":"))
-    store.client().set_registered_model_tag(name, HISTORY_TAG, text)
+    store.client().set_registered_model_tag(name, tag, text)
     return entries
 
 
