@@ -31,19 +31,18 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from .errors import ModelNotFoundError, PromotionRefusedError, RegistryError
+from .errors import ModelNotFoundError, PromotionRefusedError
 from .history import append_history, read_history
+from .load import lookup_error, resolve_version
 from .promotion import _login
 from .publish import CHAMPION
 from .store import RegistryStore
-from .uri import parse_model_uri
 
 __all__ = [
     "CHALLENGER",
     "CHALLENGER_HISTORY_TAG",
     "ChallengerRefusedError",
     "ChallengerResult",
-    "alias_version",
     "clear_challenger",
     "read_challenger_history",
     "resolve_alias_version",
@@ -52,9 +51,6 @@ __all__ = [
 
 CHALLENGER = "challenger"
 CHALLENGER_HISTORY_TAG = "fedseg.challenger_history"
-# what MLflow answers when a model, version or alias is not there (any other error: the registry
-# could not say, which is not the same as "there is none")
-_MISSING_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
 
 class ChallengerRefusedError(PromotionRefusedError):
@@ -167,44 +163,9 @@ def read_challenger_history(store: RegistryStore, name: str) -> list[dict[str, A
     return read_history(store, name, CHALLENGER_HISTORY_TAG)
 
 
-def alias_version(store: RegistryStore, name: str, alias: str) -> int | None:
-    """The version ``alias`` of ``name`` names, or None when the alias is not set.
-
-    Raises
-    ------
-    ModelNotFoundError
-        No registered model is called ``name``.
-    RegistryError
-        The registry could not be asked.
-    """
-    value = _aliases(store, name).get(alias)
-    return None if value is None else int(value)
-
-
 def resolve_alias_version(store: RegistryStore, uri: str) -> int:
-    """The version a ``models:/`` URI names now, telling "names nothing" from "cannot ask".
-
-    Raises
-    ------
-    ModelNotFoundError
-        The model, the version or the alias is not there (the registry answered so).
-    RegistryError
-        The registry could not be asked (unreachable, failing); nothing is known.
-    """
-    ref = parse_model_uri(uri)
-    if ref.alias is None:
-        try:
-            return int(store.client().get_model_version(ref.name, str(ref.version)).version)
-        except MlflowException as exc:
-            raise _lookup_error(exc, f"{ref} is not in the registry at {store.tracking_uri}") from exc
-    missing = f"{ref} is not in the registry at {store.tracking_uri}"
-    try:
-        version = alias_version(store, ref.name, ref.alias)
-    except ModelNotFoundError:
-        raise ModelNotFoundError(f"{missing}: no registered model {ref.name!r}") from None
-    if version is None:
-        raise ModelNotFoundError(f"{missing}: {ref.name} has no alias {ref.alias!r}")
-    return version
+    """The version number a ``models:/`` URI names now (see :func:`registry.load.resolve_version`)."""
+    return int(resolve_version(store, uri).version)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -214,17 +175,11 @@ def _model(store: RegistryStore, name: str):  # -> mlflow RegisteredModel
     try:
         return store.client().get_registered_model(name)
     except MlflowException as exc:
-        raise _lookup_error(exc, f"no registered model {name!r} at {store.tracking_uri}") from exc
+        raise lookup_error(exc, f"no registered model {name!r} at {store.tracking_uri}") from exc
 
 
 def _aliases(store: RegistryStore, name: str) -> dict[str, int]:
     return {alias: int(v) for alias, v in (_model(store, name).aliases or {}).items()}
-
-
-def _lookup_error(exc: MlflowException, missing: str) -> RegistryError:
-    if getattr(exc, "error_code", None) in _MISSING_CODES:
-        return ModelNotFoundError(missing)
-    return RegistryError(f"cannot ask the registry: {exc}")
 
 
 def _record(

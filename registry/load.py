@@ -18,7 +18,7 @@ from imaging.errors import ConfigError
 from imaging.spec import ModelSpec
 
 from .artifacts import SPEC_FILE, STATE_FILE
-from .errors import ModelArtifactError, ModelNotFoundError, ModelSignatureError
+from .errors import ModelArtifactError, ModelNotFoundError, ModelSignatureError, RegistryError
 from .publish import METRIC_PREFIX
 from .signing import Signature, TrustedKeys, verify_model_dir
 from .store import RegistryStore
@@ -46,16 +46,45 @@ class LoadedModel:
         }
 
 
+#: What MLflow answers when a model, version or alias is not there; any other error means the
+#: registry could not say, which is not the same as "there is none".
+_MISSING_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
+def lookup_error(exc: MlflowException, missing: str) -> RegistryError:
+    """``ModelNotFoundError(missing)`` when MLflow answered "not there", else "cannot ask"."""
+    if getattr(exc, "error_code", None) in _MISSING_CODES:
+        return ModelNotFoundError(missing)
+    return RegistryError(f"cannot ask the registry: {exc}")
+
+
 def resolve_version(store: RegistryStore, uri: str):  # -> mlflow ModelVersion
-    """The ModelVersion a ``models:/`` URI names, or ModelNotFoundError saying what is missing."""
+    """The ModelVersion a ``models:/`` URI names now.
+
+    Raises
+    ------
+    ModelNotFoundError
+        The registry answered that the model, the alias or the version is not there (the
+        message says which).
+    RegistryError
+        The registry could not be asked (unreachable, failing); nothing is known.
+    """
     ref = parse_model_uri(uri)
     client = store.client()
+    missing = f"{ref} is not in the registry at {store.tracking_uri}"
+    version = ref.version
+    if ref.alias is not None:
+        try:
+            aliases = client.get_registered_model(ref.name).aliases or {}
+        except MlflowException as exc:
+            raise lookup_error(exc, f"{missing}: no registered model {ref.name!r}") from exc
+        if ref.alias not in aliases:
+            raise ModelNotFoundError(f"{missing}: {ref.name} has no alias {ref.alias!r}")
+        version = aliases[ref.alias]
     try:
-        if ref.alias is not None:
-            return client.get_model_version_by_alias(ref.name, ref.alias)
-        return client.get_model_version(ref.name, str(ref.version))
+        return client.get_model_version(ref.name, str(version))
     except MlflowException as exc:
-        raise ModelNotFoundError(f"{ref} is not in the registry at {store.tracking_uri}") from exc
+        raise lookup_error(exc, missing) from exc
 
 
 def load_model(
