@@ -43,11 +43,14 @@ def machine() -> dict[str, object]:
 
 
 def git_version() -> str:
+    """HEAD's short hash, with "+uncommitted" when tracked files differ from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT).returncode != 0
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return f"{head}+uncommitted" if dirty else head
 
 
 def write_json(name: str, payload: dict) -> Path:
