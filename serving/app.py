@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -19,6 +20,7 @@ from .models import ModelLoader, ModelManager, VersionResolver, registry_resolve
 from .predictor import Predictor
 from .routes import health_router, predict_router
 from .routes.health import oip_router as oip_health_router
+from .routes.infer import router as infer_router
 from .routes.models import admin_router as models_admin_router
 from .routes.models import router as models_router
 from .routes.drift import router as drift_router
@@ -39,11 +41,12 @@ def registry_loader(uri: str) -> LoadedModel:
 
 
 def _manager(settings: ServingSettings, loader: ModelLoader,
-             resolver: VersionResolver | None) -> ModelManager:
+             resolver: VersionResolver | None, runner: Executor) -> ModelManager:
     def build(model: LoadedModel) -> Predictor:  # rebuilds the network and warms it up
         return Predictor(
             model, device=settings.device, batch_size=settings.batch_size,
             max_batch_slices=settings.microbatch_max_slices, max_wait_ms=settings.microbatch_wait_ms,
+            runner=runner,
         )
 
     return ModelManager(
@@ -83,7 +86,9 @@ def create_app(
     if resolver is None and loader is registry_loader:
         resolver = registry_resolver
     loader = recording_references(loader, metrics.drift)  # each loaded version's input_reference
-    models = _manager(settings, loader, resolver)
+    # every model's forward on one thread: one OpenMP team, forwards serialised (see Predictor)
+    runner = ThreadPoolExecutor(1, thread_name_prefix="fedseg-forward")
+    models = _manager(settings, loader, resolver, runner)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,6 +100,7 @@ def create_app(
         finally:
             await run_in_threadpool(jobs.stop)
             await run_in_threadpool(models.stop)
+            runner.shutdown(wait=False)
 
     app = FastAPI(
         title="fedseg",
@@ -117,6 +123,7 @@ def create_app(
     app.include_router(health_router)
     app.include_router(oip_health_router)
     app.include_router(models_router)
+    app.include_router(infer_router)
     app.include_router(models_admin_router)
     app.include_router(predict_router)
     app.include_router(triage_router)

@@ -20,6 +20,8 @@ __all__ = [
     "PixelBudgetError",
     "DeflateBombError",
     "TransferSyntaxNotAllowedError",
+    "InferenceRequestError",
+    "TensorShapeError",
     "AuthError",
     "AuthenticationError",
     "PermissionDeniedError",
@@ -78,6 +80,15 @@ class DeflateBombError(UploadTooLargeError):
 
 class TransferSyntaxNotAllowedError(UploadError):
     """An instance's transfer syntax is not on the service's allow-list (or it has no file meta)."""
+
+
+class InferenceRequestError(ServingError):
+    """An Open Inference Protocol request that is not well formed (bad JSON, binary lengths)."""
+
+
+class TensorShapeError(InferenceRequestError):
+    """A well-formed inference request whose tensor the model cannot take (name, datatype,
+    shape, non-finite values)."""
 
 
 class AuthError(ServingError):

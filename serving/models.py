@@ -214,6 +214,15 @@ class ModelManager:
         predictor = self.select(volume.study_uid or volume.series_uid)
         return predictor.predict(volume), predictor
 
+    def served(self, name: str, version: int | None = None) -> Predictor | None:
+        """The predictor serving ``name`` (``version``, or the champion's), or None."""
+        for slot in self.roles():
+            predictor = slot.predictor
+            if predictor is not None and predictor.name == name and (
+                    version is None and slot is self.champion or predictor.version == version):
+                return predictor
+        return None
+
     def roles(self) -> tuple[ModelState, ...]:
         """The champion, and the challenger while the canary is on."""
         return (self.champion, self.challenger) if self._share > 0 else (self.champion,)

@@ -147,6 +147,9 @@ def test_policy_maps_paths_to_scopes() -> None:
     assert required_scope("/v1/jobs/abc") == "predict"
     assert required_scope("/v1/triage") == "predict"
     assert required_scope("/v2/models/fedseg-unet") == "monitor"
+    assert required_scope("/v2/models/fedseg-unet/infer") == "predict"
+    assert required_scope("/v2/models/fedseg-unet/versions/3/infer") == "predict"
+    assert required_scope("/v2/models/fedseg-unet/versions/3") == "monitor"
     assert required_scope("/v2/health/ready") is None
     assert required_scope("/ui") is None
     assert required_scope("/v1/predictions") == "admin"  # a prefix only matches whole segments

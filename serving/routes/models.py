@@ -158,8 +158,7 @@ def model_ready(name: str, models: ModelsDep) -> ModelReady | JSONResponse:
 
 
 def _served_version(models: ModelManager, name: str, version: int) -> bool:
-    return any(s.predictor is not None and (s.predictor.name, s.predictor.version) == (name, version)
-               for s in models.roles())
+    return models.served(name, version) is not None
 
 
 @router.get("/{name}/versions/{version}", response_model=ModelMetadata,

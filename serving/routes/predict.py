@@ -16,11 +16,13 @@ from imaging.errors import ImagingError, SeriesError, UnsupportedTransferSyntaxE
 from ..deps import ModelsDep, SettingsDep
 from ..errors import (
     EmptyUploadError,
+    InferenceRequestError,
     MalformedUploadError,
     ModelNotReadyError,
     NotDicomError,
     NotMultipartError,
     ServingError,
+    TensorShapeError,
     TooManyInstancesError,
     TransferSyntaxNotAllowedError,
     UploadTooLargeError,
@@ -61,6 +63,8 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
     (UnsupportedTransferSyntaxError, status.HTTP_415_UNSUPPORTED_MEDIA_TYPE),
     (TransferSyntaxNotAllowedError, status.HTTP_415_UNSUPPORTED_MEDIA_TYPE),
     (MalformedUploadError, status.HTTP_400_BAD_REQUEST),
+    (TensorShapeError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (InferenceRequestError, status.HTTP_400_BAD_REQUEST),
     (EmptyUploadError, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (SeriesError, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (ImagingError, status.HTTP_422_UNPROCESSABLE_CONTENT),  # no pixel data, multi-frame, bad values

@@ -14,8 +14,10 @@ SCOPES = ("predict", "monitor", "admin")
 #: Paths anyone may call (probes, the API docs, the web page itself).
 OPEN_PATHS = ("/", "/health", "/v2/health", "/docs", "/redoc", "/openapi.json", "/ui", "/favicon.ico")
 
-#: Path prefix -> the scope it needs, checked in order.
+#: Path prefix -> the scope it needs, checked in order; ``*`` matches any one segment.
 SCOPE_RULES: tuple[tuple[str, str], ...] = (
+    ("/v2/models/*/infer", "predict"),
+    ("/v2/models/*/versions/*/infer", "predict"),
     ("/v1/predict", "predict"),
     ("/v1/triage", "predict"),
     ("/v1/jobs", "predict"),
@@ -28,7 +30,10 @@ SCOPE_RULES: tuple[tuple[str, str], ...] = (
 def _under(path: str, prefix: str) -> bool:
     if prefix == "/":
         return path == "/"
-    return path == prefix or path.startswith(prefix + "/")
+    if "*" not in prefix:
+        return path == prefix or path.startswith(prefix + "/")
+    want, have = prefix.split("/"), path.split("/")
+    return len(have) >= len(want) and all(w in ("*", h) for w, h in zip(want, have))
 
 
 def required_scope(path: str) -> str | None:
