@@ -18,11 +18,11 @@ scaled to [0, 1] and resized to the spec's ``S``), and answers one output, ``pro
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .errors import InferenceRequestError, TensorShapeError
 
@@ -87,8 +87,8 @@ def _header(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byt
             )
         json_part, binary = body[:n], body[n:]
     try:
-        header = json.loads(json_part)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = orjson.loads(json_part)  # 5-10x json's speed on a tensor's worth of numbers
+    except orjson.JSONDecodeError as exc:
         raise InferenceRequestError(f"the inference request is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise InferenceRequestError("the inference request must be a JSON object")
@@ -180,7 +180,8 @@ def decode_request(body: bytes, header_length: str | None, *, image_size: int,
     values, end = _values(tensor, _DATATYPES[datatype], count, binary, 0)
     if end != len(binary):
         raise InferenceRequestError(f"{len(binary) - end} bytes follow the inputs' binary data")
-    images = np.array(values.reshape(shape[0], image_size, image_size), dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, refused just below
+        images = np.array(values.reshape(shape[0], image_size, image_size), dtype=np.float32)
     if not np.isfinite(images).all():
         raise TensorShapeError(f"input {INPUT_NAME!r} holds NaN or infinite values")
     params = _parameters(header, "the request")
@@ -217,7 +218,7 @@ def encode_response(request: InferRequest, probabilities: np.ndarray, *, model_n
         response["id"] = request.id
     if request.binary_output:
         output["parameters"] = {"binary_data_size": probs.nbytes}
-        header = json.dumps(response, separators=(",", ":")).encode()
+        header = orjson.dumps(response)
         return header + probs.tobytes(), len(header)
-    output["data"] = probs.reshape(-1).tolist()
-    return json.dumps(response, separators=(",", ":")).encode(), None
+    output["data"] = probs.reshape(-1)  # float32, written in its shortest exact form
+    return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY), None

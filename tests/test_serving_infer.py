@@ -146,7 +146,8 @@ def _tensor(**changes: object) -> dict:
     (json.dumps(_tensor(data=[0.5] * 10)).encode(), 422, "holds 10 values"),
     (json.dumps(_tensor(data=["a"] * SIZE * SIZE)).encode(), 400, "must be numbers"),
     (json.dumps(_tensor(data=None)).encode(), 400, "must be numbers"),
-    (json.dumps(_tensor(data=[float("nan")] * SIZE * SIZE)).encode(), 422, "NaN or infinite"),
+    (json.dumps(_tensor(data=[float("nan")] * SIZE * SIZE)).encode(), 400, "not valid JSON"),
+    (json.dumps(_tensor(data=[1e300] * SIZE * SIZE)).encode(), 422, "NaN or infinite"),
     (json.dumps({**_tensor(), "outputs": [{"name": "mask"}]}).encode(), 422, "unknown output"),
     (json.dumps({**_tensor(), "parameters": [1]}).encode(), 400, "parameters must be an object"),
 ])
@@ -168,6 +169,7 @@ def test_bad_binary_framing_is_refused(client: TestClient) -> None:
          "does not fit the body"),
         (data[:-4], headers, 400, "runs past the end of the body"),
         (data + b"\0" * 8, headers, 400, "8 bytes follow the inputs' binary data"),
+        (data[:n] + np.full(x.size, np.nan, np.float32).tobytes(), headers, 422, "NaN or infinite"),
         (data[:n].replace(str(x.nbytes).encode(), str(x.nbytes - 4).encode()) + data[n:-4],
          {**headers, "Inference-Header-Content-Length": str(n)}, 422, "is not shape x 4 bytes"),
     ]
