@@ -103,6 +103,17 @@ def multipart(paths: list[Path]) -> tuple[bytes, str]:
 
 
 def bare_forward(uri: str, paths: list[Path], repeats: int) -> dict[str, float]:
+    """:func:`measure_bare` in a fresh process: torch keeps one OpenMP team per thread that ran
+    a parallel forward, and the teams left in this process by earlier models' measurements
+    would slow the next model's forward."""
+    argv = [sys.executable, __file__, "--bare-forward", uri, str(repeats), *map(str, paths)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=os.environ, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bare forward failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_bare(uri: str, paths: list[Path], repeats: int) -> dict[str, float]:
     """Median seconds of the U-Net forward alone, and of the service's in-process pipeline."""
     import torch
 
@@ -387,8 +398,8 @@ def model_markdown(payload: dict, key: str, model: dict) -> list[str]:
         f"({model['what']})",
         "",
         f"`{model['model_uri']}`; bare U-Net forward on the {b['slices']} preprocessed slices: "
-        f"**{fwd:.1f} ms** (median of {payload['repeats']} back to back, this process, torch's "
-        f"default threads); the service's in-process pipeline (read DICOM + `Predictor.predict`): "
+        f"**{fwd:.1f} ms** (median of {payload['repeats']} back to back, in a fresh process, "
+        f"torch's default threads); the service's in-process pipeline (read DICOM + `Predictor.predict`): "
         f"{1000 * b['pipeline_s']:.1f} ms.",
         "",
         "| server, route | concurrency | throughput (req/s) | p50 (ms) | p99 (ms) | server CPU (ms/req) "
@@ -538,7 +549,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--servers", nargs="+", choices=["fedseg", "mlflow"], default=["fedseg", "mlflow"])
     parser.add_argument("--no-write", action="store_true", help="print only; leave results and BENCHMARKS.md")
+    parser.add_argument("--bare-forward", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_forward:  # URI REPEATS PATH...: one model's bare forward, in its own process
+        uri, repeats, *paths = args.bare_forward
+        print(json.dumps(measure_bare(uri, [Path(p) for p in paths], int(repeats))))
+        return
 
     from imaging.spec import ModelSpec
 

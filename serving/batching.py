@@ -2,9 +2,10 @@
 
 A :class:`MicroBatcher` sits in front of a model's forward function. Each request hands it the
 preprocessed slices of one series (:meth:`MicroBatcher.run`) and blocks until its probabilities
-are back. There is no worker thread: the first waiting request becomes the *collector*, gathers
-what is pending, runs one forward for all of it and hands every request its share; requests that
-arrive meanwhile queue up and form the next batch.
+are back. There is no batching thread: the first waiting request becomes the *collector*, gathers
+what is pending, runs one forward for all of it (``forward`` decides on which thread: the
+predictor's runs on the app's one forward thread) and hands every request its share; requests
+that arrive meanwhile queue up and form the next batch.
 
 The collector waits for more work only while a request has announced itself
 (:meth:`MicroBatcher.ticket`, taken before preprocessing) but not yet arrived, and never longer
