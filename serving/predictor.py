@@ -158,7 +158,8 @@ class Predictor:
 
     def _forward_here(self, images: np.ndarray) -> np.ndarray:
         with self._lock, torch.inference_mode():
-            torch.set_num_threads(self._threads)  # the runner thread's OpenMP team: all cores
+            if torch.get_num_threads() != self._threads:  # the runner's OpenMP team: all cores
+                torch.set_num_threads(self._threads)
             return predict_probabilities(
                 self._net, images, device=self.device, batch_size=self.batch_size
             )
@@ -166,7 +167,6 @@ class Predictor:
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``(n, S, S)`` for preprocessed slices ``(n, S, S)`` (the Open Inference
         Protocol path: no DICOM, no pre- or post-processing), micro-batched like :meth:`predict`."""
-        torch.set_num_threads(1)  # this request thread's own work (see the class notes)
         return self._batcher.run(np.ascontiguousarray(images, dtype=np.float32))
 
     def predict(self, volume: Volume) -> Prediction:
@@ -178,7 +178,8 @@ class Predictor:
             The pixels cannot be preprocessed (empty, NaN or infinite values).
         """
         _, rows, cols = volume.shape
-        torch.set_num_threads(1)  # concurrent requests: one thread each (see the class notes)
+        if torch.get_num_threads() != 1:  # concurrent requests: one thread each (class notes)
+            torch.set_num_threads(1)
         with self._batcher.ticket() as ticket:
             start = time.perf_counter()
             images = preprocess_image(volume.pixels, self.spec)
