@@ -259,6 +259,17 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
+        reused = self.writer is not None
+        try:
+            return await self._post(body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if not reused:
+                raise
+            # the server closed the idle keep-alive connection (uvicorn: after 5 s): reconnect
+            await self.close()
+            return await self._post(body)
+
+    async def _post(self, body: bytes) -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -276,6 +287,7 @@ class Connection:
     async def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.reader = self.writer = None
 
 
 async def load(url: str, body: bytes, headers: dict[str, str], concurrency: int, requests: int,
