@@ -257,6 +257,15 @@ class Connection:
         self.headers = {"host": f"{self.host}:{self.port}", **{k.lower(): v for k, v in headers.items()}}
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.timing = ""  # the last answer's Server-Timing header
+
+    def forward_ms(self) -> float | None:
+        """The ``forward`` duration of the last answer's Server-Timing (fedseg), if any."""
+        for item in self.timing.split(","):
+            name, _, dur = item.strip().partition(";dur=")
+            if name == "forward" and dur:
+                return float(dur)
+        return None
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
         reused = self.writer is not None
@@ -278,11 +287,11 @@ class Connection:
         self.writer.write(head.encode() + b"\r\n" + body)
         status_line = await self.reader.readuntil(b"\r\n")
         fields = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
-        length = next((int(line.split(":", 1)[1]) for line in fields.split("\r\n")
-                       if line.startswith("content-length:")), None)
-        if length is None:
+        values = dict(line.split(":", 1) for line in fields.split("\r\n") if ":" in line)
+        if "content-length" not in values:
             raise RuntimeError(f"{self.path}: an answer without Content-Length")
-        return int(status_line.split()[1]), await self.reader.readexactly(length)
+        self.timing = values.get("server-timing", "").strip()
+        return int(status_line.split()[1]), await self.reader.readexactly(int(values["content-length"]))
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -295,6 +304,7 @@ async def load(url: str, body: bytes, headers: dict[str, str], concurrency: int,
     """``requests`` POSTs from ``concurrency`` workers, one keep-alive connection each; latency
     percentiles and throughput."""
     latencies: list[float] = []
+    forwards: list[float] = []  # the service's own forward per request (Server-Timing), seconds
     errors = 0
     todo = iter(range(requests))
     connections = [Connection(url, headers) for _ in range(concurrency)]
@@ -307,6 +317,8 @@ async def load(url: str, body: bytes, headers: dict[str, str], concurrency: int,
             latencies.append(time.perf_counter() - start)
             if status != 200 or check.encode() not in answer[:300]:
                 errors += 1
+            if (forward := conn.forward_ms()) is not None:
+                forwards.append(forward / 1000)
 
     try:
         # warm-up, not counted: a few requests alone (first-call costs), then every connection once
@@ -328,7 +340,20 @@ async def load(url: str, body: bytes, headers: dict[str, str], concurrency: int,
         "client_cpu_ms_per_request": 1000 * client_cpu / requests,
         "p50_ms": 1000 * _percentile(latencies, 50), "p99_ms": 1000 * _percentile(latencies, 99),
         "mean_ms": 1000 * statistics.fmean(latencies),
+        **_around_forward(latencies, forwards),
     }
+
+
+def _around_forward(latencies: list[float], forwards: list[float]) -> dict[str, float]:
+    """Per request, the time around the service's own forward (latency - forward), at p50, and
+    its ratio to that forward; only at concurrency 1, where a request's forward is its own."""
+    if not forwards or len(forwards) != len(latencies):
+        return {}
+    around = [lat - fwd for lat, fwd in zip(latencies, forwards)]
+    ratio = [a / fwd for a, fwd in zip(around, forwards) if fwd > 0]
+    return {"service_forward_p50_ms": 1000 * _percentile(forwards, 50),
+            "around_forward_p50_ms": 1000 * _percentile(around, 50),
+            "around_forward_ratio_p50": _percentile(ratio, 50)}
 
 
 def run_levels(name: str, url: str, body: bytes, headers: dict[str, str], levels: list[int],
@@ -402,7 +427,10 @@ WHY_OVERHEAD = (
     "cannot be under 15% of a forward of a few milliseconds. `POST /v2/models/{name}/infer` "
     "(binary) takes the same input as `mlflow models serve`, the preprocessed tensor, so its "
     "overhead is the serving itself: HTTP, decoding, the micro-batcher, the hand-off to the "
-    "forward thread."
+    "forward thread. The bare forward, measured apart in a fresh process, moves by 20-30% "
+    "between minutes on this shared 2-core machine, as much as the goal; the per-request figure "
+    "sets each answer's latency against the forward that produced it (the service's "
+    "`Server-Timing` header), on the same request, so that drift cancels out."
 )
 THROUGHPUT_GOAL = 2.0  # x `mlflow models serve`
 OVERHEAD_GOAL = 0.15  # of the bare forward, at p50, concurrency 1
@@ -478,14 +506,18 @@ def model_markdown(payload: dict, key: str, model: dict) -> list[str]:
         text = (f"Overhead of {ROUTES[route]} at p50, concurrency 1: {row['p50_ms']:.1f} ms - "
                 f"{fwd:.1f} ms forward = {row['p50_ms'] - fwd:.1f} ms, **{100 * over:.0f}%** of the "
                 f"bare forward (goal < {100 * OVERHEAD_GOAL:.0f}%: **{_met(over < OVERHEAD_GOAL)}**)")
-        staged = row.get("stages_ms", {})
         if route == "fedseg":
             text += (f"; {row['p50_ms'] - 1000 * b['pipeline_s']:.1f} ms of it is HTTP, multipart, "
                      "thread hand-off and JSON (p50 minus the in-process pipeline)")
-        elif "forward" in staged:
-            text += (f"; the forward inside the service took {staged['forward']:.1f} ms (mean), "
-                     f"the rest {row['p50_ms'] - staged['forward']:.1f} ms")
         lines.append(text + ".  ")
+        if "around_forward_ratio_p50" in row:
+            ratio = row["around_forward_ratio_p50"]
+            lines.append(
+                f"Per request ({ROUTES[route]}, c=1), against the service's own forward of that "
+                f"request (its `Server-Timing` header; p50 {row['service_forward_p50_ms']:.1f} ms): "
+                f"the time around it is {row['around_forward_p50_ms']:.1f} ms at p50, "
+                f"**{100 * ratio:.0f}%** of the forward (goal < {100 * OVERHEAD_GOAL:.0f}%: "
+                f"**{_met(ratio < OVERHEAD_GOAL)}**).  ")
     staged = [r for r in model["results"].get("fedseg", []) if r.get("stages_ms")]
     if staged:
         names = [k for k in ("read", "preprocess", "forward", "postprocess") if k in staged[0]["stages_ms"]]
@@ -531,10 +563,14 @@ def markdown(payload: dict) -> str:
                              f"{max(rat.values()):.2f}x mlflow "
                              f"({_met(min(rat.values()) >= THROUGHPUT_GOAL)})")
         for route in ("fedseg", "fedseg-oip"):
-            over = overhead(model, route)
+            over, row = overhead(model, route), _level(model, route, 1)
             if over is not None:
-                goals.append(f"{key} {ROUTES[route]}: overhead {100 * over:.0f}% "
-                             f"({_met(over < OVERHEAD_GOAL)})")
+                goals.append(f"{key} {ROUTES[route]}: overhead {100 * over:.0f}% over the bare "
+                             f"forward ({_met(over < OVERHEAD_GOAL)})")
+            if row is not None and "around_forward_ratio_p50" in row:
+                ratio = row["around_forward_ratio_p50"]
+                goals.append(f"{key} {ROUTES[route]}: {100 * ratio:.0f}% around the service's own "
+                             f"forward, per request ({_met(ratio < OVERHEAD_GOAL)})")
     if goals:
         lines += ["Goals of issue #5 (>= 2x `mlflow models serve` throughput at every concurrency, "
                   "< 15% overhead over the bare forward at p50):", "",

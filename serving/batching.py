@@ -60,12 +60,13 @@ class Ticket:
 
 
 class _Item:
-    __slots__ = ("images", "arrived", "result", "error", "done")
+    __slots__ = ("images", "arrived", "result", "seconds", "error", "done")
 
     def __init__(self, images: np.ndarray) -> None:
         self.images = images
         self.arrived = time.monotonic()
         self.result: np.ndarray | None = None
+        self.seconds = 0.0  # the forward of this item's batch
         self.error: BaseException | None = None
         self.done = False
 
@@ -140,6 +141,11 @@ class MicroBatcher:
 
         Raises whatever the forward raised for the batch this request was in.
         """
+        return self.run_timed(images, ticket)[0]
+
+    def run_timed(self, images: np.ndarray,
+                  ticket: Ticket | None = None) -> tuple[np.ndarray, float]:
+        """:meth:`run`, and the seconds of the forward that computed it (its batch's)."""
         item = _Item(images)
         with self._cond:
             if ticket is not None and not ticket.used:
@@ -159,7 +165,7 @@ class MicroBatcher:
         if item.error is not None:
             raise item.error
         assert item.result is not None
-        return item.result
+        return item.result, item.seconds
 
     def _gather(self) -> list[_Item]:
         """Wait (lock held) for announced requests, then take a batch from the queue's head."""
@@ -194,6 +200,8 @@ class MicroBatcher:
                 i.error = exc
         seconds = time.perf_counter() - start
         slices = sum(len(i.images) for i in batch)
+        for i in batch:
+            i.seconds = seconds
         with self._cond:
             s = self._stats
             self._stats = BatchStats(

@@ -46,6 +46,8 @@ class Analysis:
         The version that produced ``prediction``.
     triage_threshold : float
         That version's threshold for ``suspect`` (its spec's ``triage_threshold``).
+    read_seconds : float
+        Checking and reading the files.
     """
 
     volume: Volume
@@ -54,6 +56,12 @@ class Analysis:
     model_name: str
     model_version: int
     triage_threshold: float
+    read_seconds: float = 0.0
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds of each stage: read, preprocess, forward, postprocess."""
+        return {"read": self.read_seconds, **self.prediction.timings}
 
 
 def analyse(
@@ -81,7 +89,7 @@ def analyse(
     observe_stage("read", read_s, predictor.version)
     observe_input(volume, predictor.version)  # input drift window (serving.drift)
     return Analysis(volume, headers, prediction, predictor.name, predictor.version,
-                    float(predictor.spec.triage_threshold))
+                    float(predictor.spec.triage_threshold), read_s)
 
 
 def to_response(analysis: Analysis) -> PredictResponse:

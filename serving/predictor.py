@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -41,12 +41,16 @@ class Prediction:
         ``"suspect"`` when ``score >= spec.triage_threshold``.
     slice_scores : np.ndarray
         float32 ``(slices,)``: each slice's score; ``score`` is their maximum.
+    timings : dict[str, float]
+        Seconds of each stage: ``preprocess``, ``forward`` (the micro-batch this series was in)
+        and ``postprocess``.
     """
 
     mask: np.ndarray
     score: float
     status: Status
     slice_scores: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 def triage_score(probs: np.ndarray, min_lesion_pixels: int) -> tuple[float, np.ndarray]:
@@ -164,10 +168,11 @@ class Predictor:
                 self._net, images, device=self.device, batch_size=self.batch_size
             )
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, float]:
         """Probabilities ``(n, S, S)`` for preprocessed slices ``(n, S, S)`` (the Open Inference
-        Protocol path: no DICOM, no pre- or post-processing), micro-batched like :meth:`predict`."""
-        return self._batcher.run(np.ascontiguousarray(images, dtype=np.float32))
+        Protocol path: no DICOM, no pre- or post-processing), micro-batched like :meth:`predict`,
+        and the seconds of the forward that computed them."""
+        return self._batcher.run_timed(np.ascontiguousarray(images, dtype=np.float32))
 
     def predict(self, volume: Volume) -> Prediction:
         """Segment and triage one series.
@@ -183,12 +188,16 @@ class Predictor:
         with self._batcher.ticket() as ticket:
             start = time.perf_counter()
             images = preprocess_image(volume.pixels, self.spec)
-            observe_stage("preprocess", time.perf_counter() - start, self.version)
-            out = self._batcher.run(images, ticket)  # observes "forward" per batch
+            preprocess_s = time.perf_counter() - start
+            observe_stage("preprocess", preprocess_s, self.version)
+            out, forward_s = self._batcher.run_timed(images, ticket)  # observes "forward" per batch
         start = time.perf_counter()
         probs = restore_probabilities(out, rows, cols)
         score, per_slice = triage_score(probs, self.spec.min_lesion_pixels)
         status: Status = "suspect" if score >= self.spec.triage_threshold else "normal"
         mask = (probs >= self.spec.threshold).astype(np.uint8)
-        observe_stage("postprocess", time.perf_counter() - start, self.version)
-        return Prediction(mask=mask, score=score, status=status, slice_scores=per_slice)
+        postprocess_s = time.perf_counter() - start
+        observe_stage("postprocess", postprocess_s, self.version)
+        return Prediction(mask=mask, score=score, status=status, slice_scores=per_slice,
+                          timings={"preprocess": preprocess_s, "forward": forward_s,
+                                   "postprocess": postprocess_s})

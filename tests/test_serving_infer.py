@@ -8,6 +8,7 @@ same network's forward in this process.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -119,6 +120,8 @@ def test_json_and_binary_answer_the_models_own_forward(client: TestClient,
               "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}
     np.testing.assert_allclose(_binary_output(client.post(INFER, json=nested))[1], expected,
                                atol=1e-6)
+    # the forward's time in a Server-Timing header
+    assert re.fullmatch(r"forward;dur=\d+\.\d\d", r.headers["Server-Timing"])
     # the versioned path of the served version
     r = client.post(f"/v2/models/{NAME}/versions/7/infer", json=_json_body(x))
     assert r.status_code == 200 and r.json()["model_version"] == "7"
@@ -274,3 +277,13 @@ def test_every_forward_runs_on_the_one_forward_thread(
             w.join(timeout=60)
     assert len(threads) >= 4 and len(set(threads)) == 1
     assert threads[0] not in {threading.get_ident(), *(w.ident for w in workers)}
+
+
+def test_dicom_routes_time_their_stages(client: TestClient, tmp_path: Path) -> None:
+    series = parts(write_tiny_series(tmp_path, "timing"))
+    for route in ("/v1/predict", "/v1/triage"):
+        r = client.post(route, files=series)
+        assert r.status_code == 200, r.text
+        stages = dict(item.split(";dur=") for item in r.headers["Server-Timing"].split(", "))
+        assert list(stages) == ["read", "preprocess", "forward", "postprocess"]
+        assert all(float(ms) > 0 for ms in stages.values())

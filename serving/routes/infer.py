@@ -18,7 +18,7 @@ from ..predictor import Predictor
 from ..schemas import ErrorResponse
 from ..tensors import HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME, decode_request, encode_response
 from .models import MODEL_VERSION_HEADER
-from .predict import http_status
+from .predict import SERVER_TIMING_HEADER, http_status, server_timing
 
 __all__ = ["router"]
 
@@ -101,10 +101,11 @@ def _run(models: ModelManager, name: str, version: int | None, body: bytes,
         predictor = _predictor(models, name, None, request.study)
         if predictor.spec.image_size != champion.spec.image_size:
             predictor = champion  # a challenger of another geometry cannot take these slices
-    probs = predictor.infer(request.images)
+    probs, forward_s = predictor.infer(request.images)
     data, json_length = encode_response(request, probs, model_name=predictor.name,
                                         model_version=predictor.version)
-    headers = {MODEL_VERSION_HEADER: str(predictor.version)}
+    headers = {MODEL_VERSION_HEADER: str(predictor.version),
+               SERVER_TIMING_HEADER: server_timing({"forward": forward_s})}
     if json_length is None:
         return Response(data, media_type="application/json", headers=headers)
     headers[HEADER_LENGTH] = str(json_length)

@@ -15,7 +15,14 @@ from ..deps import ModelsDep, SettingsDep
 from ..errors import ServingError
 from ..inference import Segmenter, analyse
 from ..uploads import DicomLimits, UploadedFile, limits_of, read_uploads
-from .predict import _ERRORS, MODEL_VERSION_HEADER, SERIES_BODY, http_status
+from .predict import (
+    _ERRORS,
+    MODEL_VERSION_HEADER,
+    SERIES_BODY,
+    SERVER_TIMING_HEADER,
+    http_status,
+    server_timing,
+)
 
 __all__ = ["router", "TriageResponse"]
 
@@ -33,7 +40,8 @@ class TriageResponse(BaseModel):
     model_version: int
 
 
-def _triage(models: Segmenter, files: Sequence[UploadedFile], limits: DicomLimits) -> TriageResponse:
+def _triage(models: Segmenter, files: Sequence[UploadedFile],
+            limits: DicomLimits) -> tuple[TriageResponse, str]:
     analysis = analyse(models, files, limits=limits)  # checks first, in this worker thread
     return TriageResponse(
         id=analysis.volume.series_uid,
@@ -42,7 +50,7 @@ def _triage(models: Segmenter, files: Sequence[UploadedFile], limits: DicomLimit
         threshold=analysis.triage_threshold,
         model_name=analysis.model_name,
         model_version=analysis.model_version,
-    )
+    ), server_timing(analysis.timings)
 
 
 @router.post("/triage", response_model=TriageResponse, responses=_ERRORS, openapi_extra=SERIES_BODY)
@@ -60,11 +68,12 @@ async def triage(
             request, max_bytes=settings.max_upload_bytes, max_files=settings.max_instances,
             check=False,
         )
-        result = await run_in_threadpool(_triage, models, files, limits_of(request))
+        result, timing = await run_in_threadpool(_triage, models, files, limits_of(request))
     except (ServingError, ImagingError) as exc:
         code = http_status(exc)
         if code is None:  # pragma: no cover - every listed base has a code
             raise
         raise HTTPException(code, detail=str(exc)) from exc
     response.headers[MODEL_VERSION_HEADER] = str(result.model_version)
+    response.headers[SERVER_TIMING_HEADER] = timing
     return result
