@@ -506,9 +506,6 @@ def model_markdown(payload: dict, key: str, model: dict) -> list[str]:
         text = (f"Overhead of {ROUTES[route]} at p50, concurrency 1: {row['p50_ms']:.1f} ms - "
                 f"{fwd:.1f} ms forward = {row['p50_ms'] - fwd:.1f} ms, **{100 * over:.0f}%** of the "
                 f"bare forward (goal < {100 * OVERHEAD_GOAL:.0f}%: **{_met(over < OVERHEAD_GOAL)}**)")
-        if route == "fedseg":
-            text += (f"; {row['p50_ms'] - 1000 * b['pipeline_s']:.1f} ms of it is HTTP, multipart, "
-                     "thread hand-off and JSON (p50 minus the in-process pipeline)")
         lines.append(text + ".  ")
         if "around_forward_ratio_p50" in row:
             ratio = row["around_forward_ratio_p50"]
