@@ -149,13 +149,23 @@ def predict_probabilities(
     net: torch.nn.Module, images: np.ndarray, *, device: torch.device, batch_size: int = 32
 ) -> np.ndarray:
     """Sigmoid probabilities ``(slices, S, S)`` for preprocessed slices."""
-    net.to(device).eval()
+    _ready_for_inference(net, device)
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
     out = [
         torch.sigmoid(net(x[i : i + batch_size].to(device))).cpu()
         for i in range(0, len(x), batch_size)
     ]
     return torch.cat(out).squeeze(1).numpy() if out else np.zeros_like(images, dtype=np.float32)
+
+
+def _ready_for_inference(net: torch.nn.Module, device: torch.device) -> None:
+    """Move ``net`` to ``device`` and into eval mode, only when it is not there yet: both walk
+    every module, which costs about as much as a small U-Net's forward on a few slices."""
+    first = next(net.parameters(), None)
+    if first is not None and first.device != device:
+        net.to(device)
+    if any(m.training for m in net.modules()):
+        net.eval()
 
 
 @torch.no_grad()

@@ -15,15 +15,19 @@ from .state import ModelState
 __all__ = ["SettingsDep", "ModelStateDep", "ModelsDep", "PredictorDep"]
 
 
-def get_settings(request: Request) -> ServingSettings:
+# ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, two thread hand-offs
+# per request for what are attribute reads.
+
+
+async def get_settings(request: Request) -> ServingSettings:
     return request.app.state.settings
 
 
-def get_models(request: Request) -> ModelManager:
+async def get_models(request: Request) -> ModelManager:
     return request.app.state.models
 
 
-def get_model_state(request: Request) -> ModelState:
+async def get_model_state(request: Request) -> ModelState:
     """The champion's state (readiness)."""
     return request.app.state.models.champion
 
@@ -33,7 +37,7 @@ ModelsDep = Annotated[ModelManager, Depends(get_models)]
 ModelStateDep = Annotated[ModelState, Depends(get_model_state)]
 
 
-def get_predictor(model: ModelStateDep) -> Predictor:
+async def get_predictor(model: ModelStateDep) -> Predictor:
     try:
         return model.require()
     except ModelNotReadyError as exc:
