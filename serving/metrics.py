@@ -54,7 +54,17 @@ __all__ = [
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 NAMESPACE = "fedseg"
 UNMATCHED_ROUTE = "<unmatched>"  # one label for every 404, so scanners do not grow the series
-VERSION_HEADER = b"x-model-version"
+#: The response header that names the model version that answered (every prediction route).
+MODEL_VERSION_HEADER = "X-Model-Version"
+_VERSION_HEADER = MODEL_VERSION_HEADER.lower().encode()
+
+
+def answered_version(message: Message) -> int | None:
+    """The model version named by an ASGI ``http.response.start`` message, if any."""
+    for key, value in message.get("headers", ()):
+        if key.lower() == _VERSION_HEADER and value.isdigit():
+            return int(value)
+    return None
 
 # request latencies run from a health probe (ms) to a large series on the CPU (tens of seconds)
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -271,9 +281,7 @@ class MetricsMiddleware:
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 answer["status"] = int(message["status"])
-                for key, value in message.get("headers", ()):
-                    if key.lower() == VERSION_HEADER and value.isdigit():
-                        answer["version"] = int(value)
+                answer["version"] = answered_version(message)
             await send(message)
 
         try:

@@ -13,11 +13,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import ModelsDep, SettingsDep
 from ..errors import ServingError
+from ..metrics import MODEL_VERSION_HEADER
 from ..models import ModelManager
 from ..predictor import Predictor
 from ..schemas import ErrorResponse
 from ..tensors import HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME, decode_request, encode_response
-from .models import MODEL_VERSION_HEADER
 from .predict import SERVER_TIMING_HEADER, http_status, server_timing
 
 __all__ = ["router"]
@@ -70,9 +70,8 @@ _RESPONSES: dict = {
 }
 
 
-def _predictor(models: ModelManager, name: str, version: int | None,
-               study: str | None) -> Predictor:
-    """The version to run: the one named, or the champion (the challenger for a canary study)."""
+def _predictor(models: ModelManager, name: str, version: int | None) -> Predictor:
+    """The version named, or the champion; 404 when ``name`` (or that version) is not served."""
     if version is not None:
         predictor = models.served(name, version)
         if predictor is None:
@@ -83,7 +82,7 @@ def _predictor(models: ModelManager, name: str, version: int | None,
     if champion.name != name:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             detail=f"model {name!r} is not served here (served: {champion.name})")
-    return models.select(study) if study else champion
+    return champion
 
 
 def _run(models: ModelManager, name: str, version: int | None, body: bytes,
@@ -91,14 +90,14 @@ def _run(models: ModelManager, name: str, version: int | None, body: bytes,
     """Blocking part of a request (one worker thread): decode, choose the version, forward,
     encode."""
     if version is not None:
-        predictor = _predictor(models, name, version, None)
+        predictor = _predictor(models, name, version)
         request = decode_request(body, header_length, image_size=predictor.spec.image_size,
                                  max_slices=max_slices)
     else:
-        champion = _predictor(models, name, None, None)
+        champion = _predictor(models, name, None)
         request = decode_request(body, header_length, image_size=champion.spec.image_size,
                                  max_slices=max_slices)
-        predictor = _predictor(models, name, None, request.study)
+        predictor = models.select(request.study) if request.study else champion
         if predictor.spec.image_size != champion.spec.image_size:
             predictor = champion  # a challenger of another geometry cannot take these slices
     probs, forward_s = predictor.infer(request.images)

@@ -17,12 +17,12 @@ from registry.errors import ModelUriError
 
 from ..deps import ModelsDep
 from ..errors import ModelLoadError
+from ..metrics import MODEL_VERSION_HEADER
 from ..models import ModelManager, Reload
 from ..state import ModelState
 
 __all__ = ["router", "admin_router", "MODEL_VERSION_HEADER"]
 
-MODEL_VERSION_HEADER = "X-Model-Version"
 PLATFORM = "pytorch"
 
 router = APIRouter(prefix="/v2/models", tags=["models"])
@@ -157,16 +157,12 @@ def model_ready(name: str, models: ModelsDep) -> ModelReady | JSONResponse:
     return ModelReady(name=name, ready=True)
 
 
-def _served_version(models: ModelManager, name: str, version: int) -> bool:
-    return models.served(name, version) is not None
-
-
 @router.get("/{name}/versions/{version}", response_model=ModelMetadata,
             responses={404: {"description": "this version is not served"}})
 def version_metadata(name: str, version: int, models: ModelsDep, response: Response) -> ModelMetadata:
     """OIP metadata of one served version (champion or challenger)."""
     _known(models, name)
-    if not _served_version(models, name, version):
+    if models.served(name, version) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             detail=f"{name} version {version} is not being served")
     response.headers[MODEL_VERSION_HEADER] = str(version)
@@ -179,7 +175,7 @@ def version_metadata(name: str, version: int, models: ModelsDep, response: Respo
 def version_ready(name: str, version: int, models: ModelsDep) -> ModelReady:
     """OIP readiness of one version: 200 while it serves, 404 when it does not."""
     _known(models, name)
-    if not _served_version(models, name, version):
+    if models.served(name, version) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             detail=f"{name} version {version} is not being served")
     return ModelReady(name=name, ready=True)

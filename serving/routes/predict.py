@@ -28,6 +28,7 @@ from ..errors import (
     UploadTooLargeError,
 )
 from ..inference import Segmenter, analyse, to_response
+from ..metrics import MODEL_VERSION_HEADER
 from ..outputs import (
     SegObject,
     StowError,
@@ -47,8 +48,6 @@ __all__ = [
     "SERIES_BODY",
     "multipart_files_body",
 ]
-
-MODEL_VERSION_HEADER = "X-Model-Version"
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 

@@ -24,13 +24,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imaging.home import fedseg_home
 
+from ..metrics import answered_version
 from .principal import Principal
 from .scopes import OPEN_PATHS, SCOPE_RULES
 
 __all__ = ["AUDIT_LOGGER", "AuditMiddleware", "note_principal", "note_study", "load_salt", "hash_uid"]
 
 AUDIT_LOGGER = "fedseg.serving.audit"
-VERSION_HEADER = b"x-model-version"
 UNMATCHED_ROUTE = "<unmatched>"
 
 audit_log = logging.getLogger(AUDIT_LOGGER)
@@ -122,9 +122,7 @@ class AuditMiddleware:
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record["status"] = int(message["status"])
-                for key, value in message.get("headers", ()):
-                    if key.lower() == VERSION_HEADER and value.isdigit():
-                        record["model_version"] = int(value)
+                record["model_version"] = answered_version(message)
             elif message["type"] == "http.response.body":
                 record["bytes_out"] += len(message.get("body", b""))
             await send(message)
