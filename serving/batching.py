@@ -1,11 +1,13 @@
 """Micro-batching: concurrent requests to one model share a forward pass.
 
 A :class:`MicroBatcher` sits in front of a model's forward function. Each request hands it the
-preprocessed slices of one series (:meth:`MicroBatcher.run`) and blocks until its probabilities
-are back. There is no batching thread: the first waiting request becomes the *collector*, gathers
-what is pending, runs one forward for all of it (``forward`` decides on which thread: the
-predictor's runs on the app's one forward thread) and hands every request its share; requests
-that arrive meanwhile queue up and form the next batch.
+preprocessed slices of one series, from a worker thread (:meth:`MicroBatcher.run_timed`, which
+blocks) or from the event loop (:meth:`MicroBatcher.run_async`, which awaits), and gets its
+probabilities back. The forward's own thread (``executor``'s single thread) is the collector:
+when work arrives and no batch is being gathered, it is handed a *drain*, which takes what is
+pending, runs one forward for all of it, hands every request its share, and goes on while
+requests are pending; requests that arrive meanwhile form the next batch. A request thus costs
+two thread hand-offs, to the forward thread and back, whichever side it comes from.
 
 The collector waits for more work only while a request has announced itself
 (:meth:`MicroBatcher.ticket`, taken before preprocessing) but not yet arrived, and never longer
@@ -14,10 +16,13 @@ than ``max_wait_s`` after the oldest pending request arrived: a lone request pay
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,7 +56,7 @@ class BatchStats:
 
 
 class Ticket:
-    """A request's announcement that it will call :meth:`MicroBatcher.run` soon."""
+    """A request's announcement that it will call :meth:`MicroBatcher.run_timed` soon."""
 
     __slots__ = ("used",)
 
@@ -60,15 +65,23 @@ class Ticket:
 
 
 class _Item:
-    __slots__ = ("images", "arrived", "result", "seconds", "error", "done")
+    """One request's slices and, once its batch ran, its outcome; ``notify`` tells the caller."""
 
-    def __init__(self, images: np.ndarray) -> None:
+    __slots__ = ("images", "arrived", "result", "seconds", "error", "notify")
+
+    def __init__(self, images: np.ndarray, notify: Callable[[], None]) -> None:
         self.images = images
         self.arrived = time.monotonic()
         self.result: np.ndarray | None = None
         self.seconds = 0.0  # the forward of this item's batch
         self.error: BaseException | None = None
-        self.done = False
+        self.notify = notify
+
+    def outcome(self) -> tuple[np.ndarray, float]:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result, self.seconds
 
 
 class MicroBatcher:
@@ -77,8 +90,11 @@ class MicroBatcher:
     Parameters
     ----------
     forward : callable
-        ``(n, S, S) float32 -> (n, S, S)``: the model's forward on preprocessed slices. Called by
-        one thread at a time.
+        ``(n, S, S) float32 -> (n, S, S)``: the model's forward on preprocessed slices. Always
+        called on ``executor``'s thread, one batch at a time.
+    executor : concurrent.futures.Executor, optional
+        A single-thread executor: the forward's thread (default: one of the batcher's own). Others
+        (another model's batcher) may share it.
     max_slices : int
         Most slices in one batch; a request larger than this still runs, alone.
     max_wait_s : float
@@ -91,6 +107,7 @@ class MicroBatcher:
         self,
         forward: Forward,
         *,
+        executor: Executor | None = None,
         max_slices: int = 64,
         max_wait_s: float = 0.002,
         on_batch: Callable[[float, int, int], None] | None = None,
@@ -100,13 +117,14 @@ class MicroBatcher:
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be non-negative, got {max_wait_s}")
         self._forward = forward
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="fedseg-forward")
         self.max_slices = max_slices
         self.max_wait_s = max_wait_s
         self._on_batch = on_batch
         self._cond = threading.Condition()
         self._pending: deque[_Item] = deque()
         self._coming = 0  # announced, not yet arrived
-        self._busy = False  # a collector is gathering or forwarding
+        self._draining = False  # a drain is queued on, or running on, the forward thread
         self._stats = BatchStats()
 
     @property
@@ -123,7 +141,7 @@ class MicroBatcher:
 
     @contextmanager
     def ticket(self) -> Iterator[Ticket]:
-        """Announce a request (before its preprocessing) so that a collector may wait for it."""
+        """Announce a request (before its preprocessing) so that the collector may wait for it."""
         ticket = Ticket()
         with self._cond:
             self._coming += 1
@@ -139,33 +157,71 @@ class MicroBatcher:
     def run(self, images: np.ndarray, ticket: Ticket | None = None) -> np.ndarray:
         """The forward's output for ``images``, computed in a batch with concurrent requests.
 
-        Raises whatever the forward raised for the batch this request was in.
+        Blocks; raises whatever the forward raised for the batch this request was in.
         """
         return self.run_timed(images, ticket)[0]
 
     def run_timed(self, images: np.ndarray,
                   ticket: Ticket | None = None) -> tuple[np.ndarray, float]:
         """:meth:`run`, and the seconds of the forward that computed it (its batch's)."""
-        item = _Item(images)
+        done = threading.Event()
+        item = _Item(images, done.set)
+        self._put(item, ticket)
+        done.wait()
+        return item.outcome()
+
+    async def run_async(self, images: np.ndarray) -> tuple[np.ndarray, float]:
+        """:meth:`run_timed` for the event loop: awaits the batch instead of blocking."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not future.done():  # the awaiting request may have been cancelled
+                future.set_result(None)
+
+        item = _Item(images, lambda: loop.call_soon_threadsafe(settle))
+        self._put(item, None)
+        await future
+        return item.outcome()
+
+    def _put(self, item: _Item, ticket: Ticket | None) -> None:
+        """Queue ``item``; hand the forward thread a drain unless one is on its way."""
         with self._cond:
             if ticket is not None and not ticket.used:
                 ticket.used = True
                 self._coming -= 1
             self._pending.append(item)
-            self._cond.notify_all()
-        while True:
-            with self._cond:
-                while self._busy and not item.done:
-                    self._cond.wait()
-                if item.done:
-                    break
-                self._busy = True
-                batch = self._gather()
-            self._run_batch(batch)
-        if item.error is not None:
-            raise item.error
-        assert item.result is not None
-        return item.result, item.seconds
+            self._cond.notify_all()  # a collector waiting for announced requests
+            if self._draining:
+                return
+            self._draining = True
+        try:  # in this request's context: ``on_batch`` finds what the request sees (its metrics)
+            self._executor.submit(contextvars.copy_context().run, self._drain)
+        except RuntimeError as exc:  # the executor was shut down: the service is stopping
+            self._fail_pending(exc)
+
+    def _drain(self) -> None:
+        """On the forward thread: forward batches until nothing is pending."""
+        try:
+            while True:
+                with self._cond:
+                    if not self._pending:
+                        self._draining = False
+                        return
+                    batch = self._gather()
+                self._run_batch(batch)
+        except BaseException as exc:  # pragma: no cover - a bug here must not strand requests
+            self._fail_pending(exc)
+            raise
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        with self._cond:
+            failed = list(self._pending)
+            self._pending.clear()
+            self._draining = False
+        for item in failed:
+            item.error = exc
+            item.notify()
 
     def _gather(self) -> list[_Item]:
         """Wait (lock held) for announced requests, then take a batch from the queue's head."""
@@ -186,7 +242,7 @@ class MicroBatcher:
         return sum(len(i.images) for i in self._pending)
 
     def _run_batch(self, batch: list[_Item]) -> None:
-        """Forward ``batch`` (lock released), hand out the results, give up the collector role."""
+        """Forward ``batch`` (lock released) and hand every request its share."""
         start = time.perf_counter()
         try:
             images = batch[0].images if len(batch) == 1 else np.concatenate([i.images for i in batch])
@@ -200,16 +256,13 @@ class MicroBatcher:
                 i.error = exc
         seconds = time.perf_counter() - start
         slices = sum(len(i.images) for i in batch)
-        for i in batch:
-            i.seconds = seconds
         with self._cond:
             s = self._stats
             self._stats = BatchStats(
                 s.forwards + 1, s.requests + len(batch), s.slices + slices, max(s.largest, len(batch))
             )
-            for i in batch:
-                i.done = True
-            self._busy = False
-            self._cond.notify_all()
+        for i in batch:
+            i.seconds = seconds
+            i.notify()
         if self._on_batch is not None:
             self._on_batch(seconds, len(batch), slices)

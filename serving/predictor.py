@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,17 +124,17 @@ class Predictor:
         self.spec: ModelSpec = model.spec
         self.device = select_device(device)
         self.batch_size = batch_size
-        self._lock = threading.Lock()
         self._runner = runner or ThreadPoolExecutor(1, thread_name_prefix="fedseg-forward")
         # built on the runner too: torch work with several threads anywhere else would start a
         # second OpenMP team (see the class notes)
         self._net, self._threads = self._runner.submit(self._build, model, threads).result()
         self._batcher = MicroBatcher(
-            self._forward, max_slices=max_batch_slices, max_wait_s=max_wait_ms / 1000.0,
-            on_batch=self._observe_batch,
+            self._forward, executor=self._runner, max_slices=max_batch_slices,
+            max_wait_s=max_wait_ms / 1000.0, on_batch=self._observe_batch,
         )
         # warm-up: one dummy forward, outside the batcher (not counted in its stats)
-        self._forward(np.zeros((1, self.spec.image_size, self.spec.image_size), np.float32))
+        blank = np.zeros((1, self.spec.image_size, self.spec.image_size), np.float32)
+        self._runner.submit(self._forward, blank).result()
 
     @property
     def stats(self) -> BatchStats:
@@ -157,22 +156,20 @@ class Predictor:
         return load_state_dict(model.spec, model.state_dict).to(self.device).eval(), threads
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
-        """The forward, on the runner's thread (see the class notes)."""
-        return self._runner.submit(self._forward_here, images).result()
-
-    def _forward_here(self, images: np.ndarray) -> np.ndarray:
-        with self._lock, torch.inference_mode():
+        """The forward; called on the runner's thread only (see the class notes)."""
+        with torch.inference_mode():
             if torch.get_num_threads() != self._threads:  # the runner's OpenMP team: all cores
                 torch.set_num_threads(self._threads)
             return predict_probabilities(
                 self._net, images, device=self.device, batch_size=self.batch_size
             )
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, float]:
+    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, float]:
         """Probabilities ``(n, S, S)`` for preprocessed slices ``(n, S, S)`` (the Open Inference
         Protocol path: no DICOM, no pre- or post-processing), micro-batched like :meth:`predict`,
-        and the seconds of the forward that computed them."""
-        return self._batcher.run_timed(np.ascontiguousarray(images, dtype=np.float32))
+        and the seconds of the forward that computed them. Awaited on the event loop: the
+        request hands its slices straight to the forward thread."""
+        return await self._batcher.run_async(np.ascontiguousarray(images, dtype=np.float32))
 
     def predict(self, volume: Volume) -> Prediction:
         """Segment and triage one series.

@@ -7,12 +7,15 @@ with the real ``fedseg registry`` commands.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import re
 import socket
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -510,3 +513,50 @@ def test_batcher_waits_for_announced_requests_and_shares_errors() -> None:
         batcher.run(np.full((1, 4, 4), np.nan))
     assert batcher.run(np.ones((20, 4, 4))).shape == (20, 4, 4)  # larger than a batch: alone
     assert batcher.stats.forwards == 4 and batcher.stats.largest == 2
+
+
+def test_batcher_from_the_event_loop_batches_on_the_forward_thread() -> None:
+    calls: list[tuple[int, str, str | None]] = []
+    started, release = threading.Event(), threading.Event()
+    caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller", default=None)
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        calls.append((len(images), threading.current_thread().name, caller.get()))
+        started.set()
+        release.wait(60)
+        return images + 1
+
+    batcher = MicroBatcher(forward, max_slices=16, max_wait_s=0.0)
+
+    async def three() -> list[tuple[np.ndarray, float]]:
+        caller.set("loop")
+        first = asyncio.ensure_future(batcher.run_async(np.zeros((1, 4, 4), np.float32)))
+        await asyncio.to_thread(started.wait, 60)  # the first forward is running: the next two queue
+        rest = [asyncio.ensure_future(batcher.run_async(np.full((n, 4, 4), n, np.float32)))
+                for n in (2, 3)]
+        await asyncio.to_thread(_wait_for, lambda: batcher.waiting == 2, "two queued requests")
+        release.set()
+        return [await first, *[await r for r in rest]]
+
+    (a, _), (b, b_seconds), (c, _) = asyncio.run(three())
+    # one forward for the first request, one for the two that queued behind it, on the batcher's
+    # own thread (not the event loop's), in the context of the request that started the drain
+    assert [n for n, _, _ in calls] == [1, 5]
+    assert {name for _, name, _ in calls} != {threading.current_thread().name}
+    assert all(name.startswith("fedseg-forward") and who == "loop" for _, name, who in calls)
+    np.testing.assert_array_equal(a, np.ones((1, 4, 4)))
+    np.testing.assert_array_equal(b, np.full((2, 4, 4), 3.0))
+    np.testing.assert_array_equal(c, np.full((3, 4, 4), 4.0))
+    assert b_seconds > 0 and batcher.stats.largest == 2
+
+
+def test_batcher_fails_requests_once_its_executor_is_shut_down() -> None:
+    executor = ThreadPoolExecutor(1)
+    batcher = MicroBatcher(lambda images: images, executor=executor)
+    assert batcher.run(np.ones((1, 2, 2))).shape == (1, 2, 2)
+    executor.shutdown()
+    with pytest.raises(RuntimeError, match="shutdown"):  # an error, not a request waiting forever
+        batcher.run(np.ones((1, 2, 2)))
+    with pytest.raises(RuntimeError, match="shutdown"):
+        asyncio.run(batcher.run_async(np.ones((1, 2, 2))))
+    assert batcher.waiting == 0

@@ -8,6 +8,7 @@ routes' requests. No DICOM, so no drift statistics and no triage: ``/v1/predict`
 
 from __future__ import annotations
 
+import numpy as np
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
@@ -17,7 +18,14 @@ from ..metrics import MODEL_VERSION_HEADER
 from ..models import ModelManager
 from ..predictor import Predictor
 from ..schemas import ErrorResponse
-from ..tensors import HEADER_LENGTH, INPUT_NAME, OUTPUT_NAME, decode_request, encode_response
+from ..tensors import (
+    HEADER_LENGTH,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    InferRequest,
+    decode_request,
+    encode_response,
+)
 from .predict import SERVER_TIMING_HEADER, http_status, server_timing
 
 __all__ = ["router"]
@@ -70,6 +78,12 @@ _RESPONSES: dict = {
 }
 
 
+#: Binary bodies up to this size are decoded, and answers encoded, on the event loop (tens of
+#: microseconds, less than a hand-off to a worker thread); JSON tensors and larger bodies, which
+#: take milliseconds, in the thread pool.
+INLINE_BYTES = 1 << 20
+
+
 def _predictor(models: ModelManager, name: str, version: int | None) -> Predictor:
     """The version named, or the champion; 404 when ``name`` (or that version) is not served."""
     if version is not None:
@@ -85,22 +99,21 @@ def _predictor(models: ModelManager, name: str, version: int | None) -> Predicto
     return champion
 
 
-def _run(models: ModelManager, name: str, version: int | None, body: bytes,
-         header_length: str | None, max_slices: int) -> Response:
-    """Blocking part of a request (one worker thread): decode, choose the version, forward,
-    encode."""
-    if version is not None:
-        predictor = _predictor(models, name, version)
-        request = decode_request(body, header_length, image_size=predictor.spec.image_size,
-                                 max_slices=max_slices)
-    else:
-        champion = _predictor(models, name, None)
-        request = decode_request(body, header_length, image_size=champion.spec.image_size,
-                                 max_slices=max_slices)
-        predictor = models.select(request.study) if request.study else champion
-        if predictor.spec.image_size != champion.spec.image_size:
-            predictor = champion  # a challenger of another geometry cannot take these slices
-    probs, forward_s = predictor.infer(request.images)
+def _decode(models: ModelManager, name: str, version: int | None, body: bytes,
+            header_length: str | None, max_slices: int) -> tuple[Predictor, InferRequest]:
+    """The request's slices and the version that answers it."""
+    predictor = _predictor(models, name, version)
+    request = decode_request(body, header_length, image_size=predictor.spec.image_size,
+                             max_slices=max_slices)
+    if version is None and request.study:
+        chosen = models.select(request.study)
+        if chosen.spec.image_size == predictor.spec.image_size:  # else the champion answers:
+            predictor = chosen  # a challenger of another geometry cannot take these slices
+    return predictor, request
+
+
+def _respond(predictor: Predictor, request: InferRequest, probs: np.ndarray,
+             forward_s: float) -> Response:
     data, json_length = encode_response(request, probs, model_name=predictor.name,
                                         model_version=predictor.version)
     headers = {MODEL_VERSION_HEADER: str(predictor.version),
@@ -116,10 +129,16 @@ async def _infer(request: Request, models: ModelsDep, settings: SettingsDep, nam
     try:
         models.champion.require()  # 503 before reading the body
         body = await request.body()  # the body limit (413) applies as it is read
-        return await run_in_threadpool(
-            _run, models, name, version, body, request.headers.get(HEADER_LENGTH),
-            settings.max_instances,
-        )
+        header_length = request.headers.get(HEADER_LENGTH)
+        args = (models, name, version, body, header_length, settings.max_instances)
+        if header_length is not None and len(body) <= INLINE_BYTES:
+            predictor, decoded = _decode(*args)
+        else:
+            predictor, decoded = await run_in_threadpool(_decode, *args)
+        probs, forward_s = await predictor.infer(decoded.images)
+        if decoded.binary_output and probs.nbytes <= INLINE_BYTES:
+            return _respond(predictor, decoded, probs, forward_s)
+        return await run_in_threadpool(_respond, predictor, decoded, probs, forward_s)
     except ServingError as exc:
         code = http_status(exc)
         if code is None:  # pragma: no cover - ServingError always has a code
