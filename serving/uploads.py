@@ -111,10 +111,9 @@ class UploadedFile:
     dataset: Dataset | None = field(default=None, compare=False, repr=False)
 
     def open(self) -> io.BytesIO:
-        """A fresh file-like object whose ``name`` is the upload's file name (for messages)."""
-        buffer = io.BytesIO(self.data)
-        buffer.name = self.name  # type: ignore[attr-defined]
-        return buffer
+        """A fresh file-like object over the data. It has no ``name``: pydicom would take the
+        client's file name for a local path and stat it; readers get ``name=`` for messages."""
+        return io.BytesIO(self.data)
 
 
 async def read_uploads(

@@ -18,6 +18,8 @@ from pydicom.encaps import encapsulate
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian, MPEG2MPML
 
+from serving.errors import NotDicomError
+from serving.uploads import UploadedFile, check_dicom
 from tests.serving_fixtures import dataset_bytes, make_app, parts, write_tiny_series
 
 MIB = 1024 * 1024
@@ -168,6 +170,18 @@ def test_malformed_corpus_is_refused_without_growth(client: TestClient, good: li
           f"peak +{peak_grown / MIB:.0f} MiB")
     assert grown < 128 * MIB
     assert peak_grown < 256 * MIB  # inflating the bomb would add more than 1 GiB
+
+
+def test_client_file_names_are_never_taken_for_local_paths(good: list[Path], tmp_path: Path) -> None:
+    # a client may name its upload after a file on the server; pydicom stats (and records) the
+    # ``name`` of what it reads, so the upload's buffer must not carry the client's name
+    local = tmp_path / "on-the-server.txt"
+    local.write_text("not for clients")
+    [checked] = check_dicom([UploadedFile(str(local), good[0].read_bytes())])
+    assert checked.dataset is not None
+    assert checked.dataset.filename is None and checked.dataset.timestamp is None
+    with pytest.raises(NotDicomError, match="on-the-server.txt"):  # messages still name it
+        check_dicom([UploadedFile(str(local), b"not dicom at all" * 20)])
 
 
 def test_bomb_in_the_middle_of_a_good_series_names_its_file(client: TestClient, good: list[Path]) -> None:
