@@ -179,7 +179,13 @@ class MicroBatcher:
             if not future.done():  # the awaiting request may have been cancelled
                 future.set_result(None)
 
-        item = _Item(images, lambda: loop.call_soon_threadsafe(settle))
+        def notify() -> None:  # on the forward thread
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop has closed: nobody awaits this request any more
+                pass
+
+        item = _Item(images, notify)
         self._put(item, None)
         await future
         return item.outcome()

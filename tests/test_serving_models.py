@@ -550,6 +550,31 @@ def test_batcher_from_the_event_loop_batches_on_the_forward_thread() -> None:
     assert b_seconds > 0 and batcher.stats.largest == 2
 
 
+def test_batcher_outlives_a_cancelled_request_whose_loop_closed() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        started.set()
+        release.wait(60)
+        return images * 3
+
+    batcher = MicroBatcher(forward, max_wait_s=0.0)
+    loop = asyncio.new_event_loop()
+    gone = loop.create_task(batcher.run_async(np.ones((1, 2, 2))))
+    loop.run_until_complete(asyncio.to_thread(started.wait, 60))  # its forward is running
+    gone.cancel()  # the client went away, then the loop closed (a service shutting down)
+    loop.run_until_complete(asyncio.gather(gone, return_exceptions=True))
+    loop.close()
+    out: list[np.ndarray] = []
+    behind = threading.Thread(target=lambda: out.append(batcher.run(np.ones((2, 2, 2)))))
+    behind.start()
+    _wait_for(lambda: batcher.waiting == 1, "a request queued behind the cancelled one")
+    release.set()
+    behind.join(timeout=60)
+    assert gone.cancelled() and len(out) == 1  # the request behind still got its answer
+    np.testing.assert_array_equal(out[0], np.full((2, 2, 2), 3.0))
+
+
 def test_batcher_fails_requests_once_its_executor_is_shut_down() -> None:
     executor = ThreadPoolExecutor(1)
     batcher = MicroBatcher(lambda images: images, executor=executor)
