@@ -440,6 +440,7 @@ ROUTES: dict[str, str] = {
     "fedseg-oip": "fedseg OIP binary",
     "fedseg-oip-json": "fedseg OIP JSON",
     "mlflow": "mlflow",
+    "floor": "HTTP floor (bare uvicorn)",
 }
 
 
@@ -515,6 +516,13 @@ def model_markdown(payload: dict, key: str, model: dict) -> list[str]:
                 f"the time around it is {row['around_forward_p50_ms']:.1f} ms at p50, "
                 f"**{100 * ratio:.0f}%** of the forward (goal < {100 * OVERHEAD_GOAL:.0f}%: "
                 f"**{_met(ratio < OVERHEAD_GOAL)}**).  ")
+    floor = _level(model, "floor", 1)
+    if floor is not None:
+        lines.append(
+            f"HTTP floor: a bare ASGI app under uvicorn that reads the same binary request and "
+            f"answers as many bytes as the OIP route, computing nothing, takes "
+            f"**{floor['p50_ms']:.2f} ms** at p50 (c=1): the least any server adds to the "
+            f"forward here, {100 * floor['p50_ms'] / fwd:.0f}% of the bare forward.  ")
     staged = [r for r in model["results"].get("fedseg", []) if r.get("stages_ms")]
     if staged:
         names = [k for k in ("read", "preprocess", "forward", "postprocess") if k in staged[0]["stages_ms"]]
@@ -607,6 +615,15 @@ def bench_model(key: str, spec, args: argparse.Namespace, tmp: Path, paths: list
                 results[route] = run_levels(
                     route, base + path, data, headers, args.concurrency, args.requests, check,
                     metrics_url=f"{base}/metrics", server_pid=server.process.pid)
+        port = _free_port()  # the HTTP floor: the same bytes in and out, nothing computed
+        floor_env = {**env, "FEDSEG_BENCH_FLOOR_BYTES": str(images.nbytes)}
+        argv = [str(BIN / "uvicorn"), "--app-dir", str(ROOT / "bench"), "http_floor:app",
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        with Server("floor", argv, floor_env, f"http://127.0.0.1:{port}/",
+                    tmp / f"floor-{key}.log") as server:
+            results["floor"] = run_levels("floor", f"http://127.0.0.1:{port}/", binary,
+                                          binary_headers, [1], args.requests, "xxx",
+                                          server_pid=server.process.pid)
     if "mlflow" in args.servers:
         port = _free_port()
         mlflow_env = {**env, "MLFLOW_TRACKING_URI": default_store().tracking_uri}
@@ -669,7 +686,9 @@ def main() -> None:
                                       "in, binary probabilities out)",
                         "fedseg-oip-json": "`fedseg serve` POST /v2/models/{name}/infer (JSON "
                                            "tensor in, JSON probabilities out)",
-                        "mlflow": "`mlflow models serve` (JSON tensor in, JSON probabilities out)"},
+                        "mlflow": "`mlflow models serve` (JSON tensor in, JSON probabilities out)",
+                        "floor": "bench/http_floor.py under uvicorn (the OIP binary request in, "
+                                 "as many bytes out, nothing computed)"},
             "fedseg_settings": served_settings(next(iter(models.values()))["model_uri"]),
             "seconds": round(time.monotonic() - started),
             "notes": [f"Load average (1, 5, 15 min) when the run started: "
