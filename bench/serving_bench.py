@@ -65,8 +65,9 @@ def _percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------- set-up
 
 
-def publish(home: Path, spec, name: str = MODEL) -> str:
-    """Publish a random-weights model; return its ``models:/NAME/VERSION`` URI."""
+def publish(spec, name: str = MODEL) -> str:
+    """Publish a random-weights model in $FEDSEG_HOME's registry; return its ``models:/NAME/VERSION``
+    URI."""
     import torch
 
     from imaging.model import build_unet
@@ -593,7 +594,7 @@ def bench_model(key: str, spec, args: argparse.Namespace, tmp: Path, paths: list
     from registry import default_store
 
     name = f"{MODEL}-{key}"
-    uri = publish(tmp / "home", spec, name=name)
+    uri = publish(spec, name=name)
     bare = bare_forward(uri, paths, args.repeats)
     print(f"[{key}] bare forward {1000 * bare['forward_s']:.1f} ms, pipeline "
           f"{1000 * bare['pipeline_s']:.1f} ms", flush=True)

@@ -17,6 +17,7 @@ than ``max_wait_s`` after the oldest pending request arrived: a lone request pay
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 import time
@@ -180,10 +181,8 @@ class MicroBatcher:
                 future.set_result(None)
 
         def notify() -> None:  # on the forward thread
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits this any more
                 loop.call_soon_threadsafe(settle)
-            except RuntimeError:  # the loop has closed: nobody awaits this request any more
-                pass
 
         item = _Item(images, notify)
         self._put(item, None)
