@@ -21,6 +21,11 @@ COPY . /src
 RUN pip install /src
 
 FROM python:3.11-slim
+# g++: torch.compile (TorchInductor) compiles the forward's kernels when a model loads, cached
+# under $FEDSEG_HOME/cache/torchinductor; without a compiler the eager network serves.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/fedseg fedseg \
     && mkdir -p /var/lib/fedseg \
     && chown 10001:10001 /var/lib/fedseg

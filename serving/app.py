@@ -46,7 +46,7 @@ def _manager(settings: ServingSettings, loader: ModelLoader,
         return Predictor(
             model, device=settings.device, batch_size=settings.batch_size,
             max_batch_slices=settings.microbatch_max_slices, max_wait_ms=settings.microbatch_wait_ms,
-            runner=runner,
+            runner=runner, compile_forward=settings.compile,
         )
 
     return ModelManager(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import click
 from pydantic import ValidationError
 
 from imaging.errors import ImagingError
+from imaging.home import fedseg_home
 from registry.errors import RegistryError
 from registry.load import LoadedModel, load_model
 from registry.store import default_store
@@ -42,13 +44,17 @@ def _settings(**overrides: object) -> ServingSettings:
 @click.option("--port", type=int, default=None, help="Port [env FEDSEG_SERVE_PORT, default 8080].")
 @click.option("--auth", default=None, metavar="METHODS",
               help="apikey, jwt, apikey,jwt or off (loopback only) [env FEDSEG_SERVE_AUTH, default apikey].")
+@click.option("--compile/--no-compile", "compile_forward", default=None,
+              help="Compile each model with torch.compile before it serves: faster forwards, "
+                   "slower loads [env FEDSEG_SERVE_COMPILE, default on].")
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Append the audit lines (JSON, one per request) to this file [default: stderr].")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.pass_context
 def serve(ctx: click.Context, model_uri: str | None, host: str | None, port: int | None,
-          auth: str | None, audit_log: Path | None, log_level: str) -> None:
+          auth: str | None, compile_forward: bool | None, audit_log: Path | None,
+          log_level: str) -> None:
     """Serve a registered model over HTTP (POST /v1/predict, GET /health/ready).
 
     The model is loaded from the registry (embedded store under $FEDSEG_HOME, or
@@ -57,7 +63,7 @@ def serve(ctx: click.Context, model_uri: str | None, host: str | None, port: int
     """
     if ctx.invoked_subcommand is not None:
         return
-    settings = _settings(model_uri=model_uri, host=host, port=port, auth=auth)
+    settings = _settings(model_uri=model_uri, host=host, port=port, auth=auth, compile=compile_forward)
     try:
         loaded = load_model(default_store(), settings.model_uri)
     except RegistryError as exc:
@@ -86,6 +92,10 @@ def serve(ctx: click.Context, model_uri: str | None, host: str | None, port: int
         f"on http://{settings.host}:{settings.port}",
         err=True,
     )
+    if settings.compile:  # the compiled kernels kept beside the registry: a restart takes seconds
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(fedseg_home() / "cache" / "torchinductor"))
+        click.echo("compiling the forward (torch.compile) before the first request; "
+                   "--no-compile serves the eager network at once", err=True)
     try:
         app = create_app(settings, loader=preloaded, resolver=registry_resolver)
     except AuthError as exc:  # an unreadable JWT key file, a refused algorithm

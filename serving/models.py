@@ -265,8 +265,8 @@ class ModelManager:
         slot.reason, slot.last_error, slot.refused_version = "", "", None
         set_model_info(predictor.name, predictor.version, slot.role)
         count_reload("ok")
-        log.info("%s now serves %s version %d (was %s)", slot.role, predictor.name,
-                 predictor.version, previous)
+        log.info("%s now serves %s version %d (was %s), forward %s", slot.role, predictor.name,
+                 predictor.version, previous, predictor.forward_mode)
         return Reload(slot.role, previous, predictor.version, "ok")
 
     def _failed(self, slot: ModelState, previous: int | None, version: int | None,

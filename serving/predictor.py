@@ -18,6 +18,7 @@ from imaging.volume import Volume
 from registry.load import LoadedModel
 
 from .batching import BatchStats, MicroBatcher
+from .compiled import ForwardMode, compile_for_inference, warm_batch_sizes
 from .metrics import observe_stage
 
 __all__ = ["Prediction", "Predictor", "Status", "triage_score"]
@@ -70,8 +71,9 @@ class Predictor:
     """A registered model rebuilt for inference.
 
     The network is rebuilt from ``model.spec`` by the factory that trained it, loaded strictly,
-    moved to ``device`` and run once on a blank slice (warm-up), so that the first request does
-    not pay for lazy initialisation. :meth:`predict` is thread-safe: pre- and post-processing run
+    moved to ``device``, compiled when ``compile_forward`` (:mod:`serving.compiled`; the eager
+    network when compiling fails, see :attr:`forward_mode`) and run on blank slices (warm-up), so
+    that the first request does not pay for lazy initialisation or compilation. :meth:`predict` is thread-safe: pre- and post-processing run
     concurrently, while the forwards of concurrent requests are micro-batched
     (:class:`serving.batching.MicroBatcher`) and serialised.
 
@@ -99,6 +101,15 @@ class Predictor:
         Intra-op threads of the forward on the CPU (default: ``torch.get_num_threads()``).
     runner : concurrent.futures.Executor, optional
         A single-thread executor that runs every forward (default: one of its own).
+    compile_forward : bool
+        Compile the network with ``torch.compile`` (default: eager).
+
+    Attributes
+    ----------
+    forward_mode : {"compiled", "eager"}
+        How the forward runs.
+    forward_detail : str
+        Why it is eager although ``compile_forward`` asked for compiling; empty otherwise.
 
     Raises
     ------
@@ -116,6 +127,7 @@ class Predictor:
         max_wait_ms: float = 2.0,
         threads: int | None = None,
         runner: Executor | None = None,
+        compile_forward: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -128,6 +140,11 @@ class Predictor:
         # built on the runner too: torch work with several threads anywhere else would start a
         # second OpenMP team (see the class notes)
         self._net, self._threads = self._runner.submit(self._build, model, threads).result()
+        self.forward_mode: ForwardMode = "eager"
+        self.forward_detail = ""
+        if compile_forward:  # compiles in a thread of its own: the runner goes on serving
+            compiled = compile_for_inference(self._net, self._warm)
+            self._net, self.forward_mode, self.forward_detail = compiled.net, compiled.mode, compiled.detail
         self._batcher = MicroBatcher(
             self._forward, executor=self._runner, max_slices=max_batch_slices,
             max_wait_s=max_wait_ms / 1000.0, on_batch=self._observe_batch,
@@ -154,6 +171,14 @@ class Predictor:
         threads = max(1, int(threads or torch.get_num_threads()))
         torch.set_num_threads(threads)
         return load_state_dict(model.spec, model.state_dict).to(self.device).eval(), threads
+
+    def _warm(self, net: torch.nn.Module) -> None:
+        """One forward of each batch shape ``net`` will meet (compiles them all)."""
+        torch.set_num_threads(self._threads)
+        with torch.inference_mode():
+            for slices in warm_batch_sizes(self.batch_size):
+                blank = np.zeros((slices, self.spec.image_size, self.spec.image_size), np.float32)
+                predict_probabilities(net, blank, device=self.device, batch_size=self.batch_size)
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
         """The forward; called on the runner's thread only (see the class notes)."""

@@ -36,6 +36,9 @@ class ServingSettings(BaseSettings):
         ``"auto"`` (GPU when there is one), ``"cpu"`` or ``"cuda[:N]"``.
     batch_size : int
         Slices per forward pass.
+    compile : bool
+        Compile each loaded model with ``torch.compile`` before it serves (:mod:`serving.compiled`):
+        a faster forward for a slower load; the eager network serves when compiling fails.
     reload_seconds : float
         How often the service checks the registry for a moved alias (champion, challenger) and
         hot-swaps the new version; 0 disables following the registry.
@@ -92,6 +95,7 @@ class ServingSettings(BaseSettings):
     max_instances: int = Field(default=2000, ge=1, le=100_000)
     device: str = "auto"
     batch_size: int = Field(default=32, ge=1, le=1024)
+    compile: bool = True
     reload_seconds: float = Field(default=15.0, ge=0, le=86_400)
     canary_share: float = Field(default=0.0, ge=0, le=1)
     challenger_uri: str | None = None

@@ -9,6 +9,9 @@ import pytest
 from orthanc import orthanc  # noqa: F401  (fixture: a real Orthanc PACS, see tests/orthanc.py)
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+# services started by tests (in process or as processes) serve eagerly: compiling costs seconds
+# per model; tests/test_serving_compiled.py turns it on
+os.environ.setdefault("FEDSEG_SERVE_COMPILE", "false")
 
 
 @pytest.fixture(autouse=True)

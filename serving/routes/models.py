@@ -44,6 +44,9 @@ class ServedRole(BaseModel):
     version: int | None = Field(description="the version serving now (None: not loaded)")
     ready: bool
     detail: str = Field(description="why it is not ready, or the last failed reload")
+    forward: str | None = Field(
+        default=None, description="compiled (torch.compile) or eager; None: not loaded")
+    forward_detail: str = Field(default="", description="why eager although compiling was asked")
 
 
 class ModelMetadata(BaseModel):
@@ -93,6 +96,8 @@ def _role(slot: ModelState) -> ServedRole:
         version=None if predictor is None else predictor.version,
         ready=predictor is not None,
         detail=slot.last_error or (slot.reason if predictor is None else ""),
+        forward=None if predictor is None else predictor.forward_mode,
+        forward_detail="" if predictor is None else predictor.forward_detail,
     )
 
 
