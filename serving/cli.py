@@ -97,7 +97,7 @@ def serve(ctx: click.Context, model_uri: str | None, host: str | None, port: int
         click.echo("compiling the forward (torch.compile) before the first request; "
                    "--no-compile serves the eager network at once", err=True)
     try:
-        app = create_app(settings, loader=preloaded, resolver=registry_resolver)
+        app = create_app(settings, loader=preloaded, resolver=registry_resolver, freeze_heap=True)
     except AuthError as exc:  # an unreadable JWT key file, a refused algorithm
         raise click.ClickException(str(exc)) from None
     _audit_to(audit_log)

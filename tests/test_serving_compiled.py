@@ -9,16 +9,24 @@ the eager network serving with the reason shown. The rest of the suite serves ea
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config as inductor_config
+from deployment_harness import free_port
 from fastapi.testclient import TestClient
 
 from imaging.model import build_unet, load_state_dict
 from imaging.spec import ModelSpec
 from imaging.training import predict_probabilities
+from registry import TrackingRun, default_store, publish_model
 from registry.load import LoadedModel
 from serving import ServingSettings, create_app
 from serving.compiled import CompiledNet, compile_for_inference, warm_batch_sizes
@@ -92,8 +100,6 @@ def test_the_service_serves_compiled_and_says_so() -> None:
 def test_without_a_compiler_the_eager_network_serves_and_the_reason_is_shown(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    import torch._inductor.config as inductor_config
-
     # an architecture no other test compiles, and an empty compile cache: the C++ compiler must run
     spec = ModelSpec(channels=(6, 12), image_size=24)
     monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
@@ -130,3 +136,42 @@ def test_a_failing_backend_leaves_the_network_eager() -> None:
     result = compile_for_inference(net, warm, backend=broken)
     assert result.net is net and result.mode == "eager"
     assert "backend exploded" in result.detail
+
+
+def test_fedseg_serve_compiles_into_a_cache_under_its_home(fedseg_home: Path) -> None:
+    """The real command: `fedseg serve --compile` says it compiles, serves compiled, and keeps
+    the compiled kernels under $FEDSEG_HOME/cache/torchinductor (a restart reuses them)."""
+    spec = ModelSpec(channels=(4, 8), image_size=32)
+    store = default_store()
+    run = TrackingRun.start(store, "compile-tests", "publish", {})
+    torch.manual_seed(0)
+    publish_model(store, run, "tiny", build_unet(spec).state_dict(), spec, {"dice_pooled": 0.5}, {})
+    run.end(ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(FEDSEG_HOME=str(fedseg_home), FEDSEG_SERVE_COMPILE="false")  # the flag wins
+    log = fedseg_home / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fedseg.cli", "serve", "--model", "models:/tiny@champion",
+             "--port", str(port), "--auth", "off", "--compile"],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "not ready: " + log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        served = httpx.get(f"http://127.0.0.1:{port}/v2/models/tiny", timeout=10).json()["served"][0]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert served["forward"] == "compiled", served
+    assert "compiling the forward (torch.compile)" in log.read_text()
+    cache = fedseg_home / "cache" / "torchinductor"
+    assert cache.is_dir() and any(cache.rglob("*.so")), "no compiled kernel under the home's cache"
