@@ -73,9 +73,9 @@ class Predictor:
     The network is rebuilt from ``model.spec`` by the factory that trained it, loaded strictly,
     moved to ``device``, compiled when ``compile_forward`` (:mod:`serving.compiled`; the eager
     network when compiling fails, see :attr:`forward_mode`) and run on blank slices (warm-up), so
-    that the first request does not pay for lazy initialisation or compilation. :meth:`predict` is thread-safe: pre- and post-processing run
-    concurrently, while the forwards of concurrent requests are micro-batched
-    (:class:`serving.batching.MicroBatcher`) and serialised.
+    that the first request does not pay for lazy initialisation or compilation. :meth:`predict`
+    is thread-safe: pre- and post-processing run concurrently, while the forwards of concurrent
+    requests are micro-batched (:class:`serving.batching.MicroBatcher`) and serialised.
 
     Threads: the forward always runs on one thread, ``runner``'s (the app shares one between its
     models), with torch's intra-op threads (``threads``, default: what torch chose, one per
@@ -84,6 +84,7 @@ class Predictor:
     runs a forward with more than one keeps its own team of OpenMP workers, and a second team
     spinning beside the first halves the forward's speed on a small machine (measured: 3.8 ms
     on the main thread, 9-10 ms from a request thread, for the default U-Net on 16 slices).
+    The one exception is the compiling warm-up, on a thread that ends with it, its team too.
 
     Parameters
     ----------
