@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,9 @@ from serving.compiled import CompiledNet, compile_for_inference, warm_batch_size
 from serving.predictor import Predictor
 
 pytestmark = pytest.mark.slow
+#: TorchInductor compiles C++ on the CPU; where no compiler is, only the fallback can be tested
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                               reason="no C++ compiler: torch.compile cannot run here")
 
 URI = "models:/demo@champion"
 SPEC = ModelSpec()  # the default spec: what `make demo` trains and serves
@@ -59,6 +63,7 @@ def test_warm_up_covers_each_batch_shape_class() -> None:
     assert warm_batch_sizes(1) == (1,)
 
 
+@needs_cxx
 def test_compiled_forward_answers_as_the_eager_one_and_never_compiles_while_serving() -> None:
     model = _model()
     predictor = Predictor(model, device="cpu", compile_forward=True)
@@ -81,6 +86,7 @@ def test_compiled_forward_answers_as_the_eager_one_and_never_compiles_while_serv
     assert np.abs(got - _eager(model, x)).max() > 1e-3
 
 
+@needs_cxx
 def test_the_service_serves_compiled_and_says_so() -> None:
     model = _model()
     settings = ServingSettings(model_uri=URI, device="cpu", auth="off", reload_seconds=0, compile=True)
@@ -138,6 +144,7 @@ def test_a_failing_backend_leaves_the_network_eager() -> None:
     assert "backend exploded" in result.detail
 
 
+@needs_cxx
 def test_fedseg_serve_compiles_into_a_cache_under_its_home(fedseg_home: Path) -> None:
     """The real command: `fedseg serve --compile` says it compiles, serves compiled, and keeps
     the compiled kernels under $FEDSEG_HOME/cache/torchinductor (a restart reuses them)."""
