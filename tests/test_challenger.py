@@ -204,7 +204,7 @@ class _Registry:
         self.loads.append(version)
         if version in self.broken:
             raise ModelNotFoundError(f"refusing version {version}: unsigned")
-        return SimpleNamespace(name="m", version=version)
+        return SimpleNamespace(name="m", version=version, forward_mode="eager")  # a predictor
 
 
 def _manager(reg: _Registry) -> ModelManager:
