@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -116,8 +117,21 @@ def bare_forward(uri: str, paths: list[Path], repeats: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _median_seconds(call: Callable[[], object], repeats: int, warm: int = 3) -> float:
+    """Median seconds of ``call`` over ``repeats`` back-to-back calls, after ``warm`` untimed ones."""
+    for _ in range(warm):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure_bare(uri: str, paths: list[Path], repeats: int) -> dict[str, float]:
-    """Median seconds of the U-Net forward alone, and of the service's in-process pipeline."""
+    """Median seconds of the U-Net forward alone, eager and compiled as the service compiles it
+    (serving.compiled), and of the service's eager in-process pipeline."""
     import torch
 
     from imaging.dicom_read import read_series
@@ -125,6 +139,7 @@ def measure_bare(uri: str, paths: list[Path], repeats: int) -> dict[str, float]:
     from imaging.preprocess import preprocess_image
     from imaging.training import predict_probabilities
     from registry import default_store, load_model
+    from serving.compiled import CompiledNet
     from serving.predictor import Predictor
 
     loaded = load_model(default_store(), uri)
@@ -132,49 +147,23 @@ def measure_bare(uri: str, paths: list[Path], repeats: int) -> dict[str, float]:
     images = preprocess_image(volume.pixels, loaded.spec)
     net = load_state_dict(loaded.spec, loaded.state_dict).eval()
     device = torch.device("cpu")
-    forward = []
     with torch.inference_mode():
-        for _ in range(3):  # warm-up
-            predict_probabilities(net, images, device=device)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            predict_probabilities(net, images, device=device)
-            forward.append(time.perf_counter() - start)
-    compiled_s, compile_s = _compiled_forward(net, images, device, repeats)
-    predictor = Predictor(loaded, device="cpu")
-    pipeline = []
-    for _ in range(3):
-        predictor.predict(volume)
-    for _ in range(repeats):
+        forward_s = _median_seconds(lambda: predict_probabilities(net, images, device=device), repeats)
         start = time.perf_counter()
+        compiled = CompiledNet(net)
+        predict_probabilities(compiled, images, device=device)  # compiles
+        compile_s = time.perf_counter() - start
+        compiled_s = _median_seconds(
+            lambda: predict_probabilities(compiled, images, device=device), repeats)
+    predictor = Predictor(loaded, device="cpu")
+
+    def pipeline() -> None:
         read_series(paths)
         predictor.predict(volume)
-        pipeline.append(time.perf_counter() - start)
-    return {"forward_s": statistics.median(forward), "pipeline_s": statistics.median(pipeline),
+
+    return {"forward_s": forward_s, "pipeline_s": _median_seconds(pipeline, repeats),
             "compiled_forward_s": compiled_s, "compile_s": compile_s,
             "slices": int(images.shape[0]), "net_input": list(images.shape)}
-
-
-def _compiled_forward(net, images: np.ndarray, device, repeats: int) -> tuple[float, float]:
-    """Median seconds of the forward compiled as the service compiles it (serving.compiled), on
-    this thread, and the seconds its compilation and warm-up took."""
-    import torch
-
-    from imaging.training import predict_probabilities
-    from serving.compiled import CompiledNet
-
-    start = time.perf_counter()
-    compiled = CompiledNet(net)
-    times = []
-    with torch.inference_mode():
-        for _ in range(3):  # compiles, then warms
-            predict_probabilities(compiled, images, device=device)
-        compile_s = time.perf_counter() - start
-        for _ in range(repeats):
-            start = time.perf_counter()
-            predict_probabilities(compiled, images, device=device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), compile_s
 
 
 def tensor(paths: list[Path], spec) -> np.ndarray:
@@ -504,7 +493,7 @@ def model_markdown(payload: dict, key: str, model: dict) -> list[str]:
         f"`{model['model_uri']}`; bare U-Net forward on the {b['slices']} preprocessed slices: "
         f"**{fwd:.1f} ms** (median of {payload['repeats']} back to back, in a fresh process, "
         f"torch's default threads); compiled as the service compiles it (`torch.compile`, "
-        f"serving/compiled.py): **{1000 * b['compiled_forward_s']:.1f} ms** (compiled and warmed "
+        f"serving/compiled.py): **{1000 * b['compiled_forward_s']:.1f} ms** (compiled "
         f"in {b['compile_s']:.0f} s); the eager in-process pipeline (read DICOM + "
         f"`Predictor.predict`): {1000 * b['pipeline_s']:.1f} ms.",
         "",
