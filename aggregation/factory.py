@@ -27,6 +27,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from imaging.replies import NUM_EXAMPLES
+
 from .errors import StrategyConfigError
 
 __all__ = [
@@ -42,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger("fedseg.aggregation")
 
-WEIGHT_KEY = "num-examples"
+WEIGHT_KEY = NUM_EXAMPLES  # FedAvg's weight, as the reply contract names it
 # The train-config key Flower's FedProx.configure_train writes (flwr 1.41.0, fedprox.py).
 PROXIMAL_MU_KEY = "proximal-mu"
 

@@ -42,14 +42,14 @@ class SiteReportingStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.report("train", server_round, site_metrics(replies, self._sent), _errors(replies))
+        self.report("train", server_round, site_metrics(replies, "train", self._sent), _errors(replies))
         return self.inner.aggregate_train(server_round, replies)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
-        self.report("evaluate", server_round, site_metrics(replies), _errors(replies))
+        self.report("evaluate", server_round, site_metrics(replies, "evaluate"), _errors(replies))
         return self.inner.aggregate_evaluate(server_round, replies)
 
 

@@ -9,18 +9,41 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from .arrays import decode_array
+from imaging.replies import EvaluateReply, SiteFacts, TrainReply
 
-__all__ = ["SiteMetrics", "site_metrics", "summarize_evaluation", "update_norm"]
+from .arrays import decode_array
+from .replies import Phase, ReplyError, read_reply
+
+__all__ = ["SiteMetrics", "UPDATE_NORM", "site_metrics", "summarize_evaluation", "update_norm"]
+
+#: The size of a site's step, computed by the coordinator (not part of the reply).
+UPDATE_NORM = "update-norm"
 
 
 @dataclass(frozen=True)
 class SiteMetrics:
-    """One site's reply: its numeric metrics and its string facts (manifest hash, input stats)."""
+    """One site's reply as logged: its numeric metrics and its string facts (manifest hash, input stats).
+
+    ``metrics`` holds the reply's contract keys (:mod:`imaging.replies`) plus ``update-norm``,
+    which the coordinator computes; the typed views below read them back.
+    """
 
     site: str
     metrics: dict[str, float]
     facts: dict[str, str] = field(default_factory=dict)
+
+    def train(self) -> TrainReply:
+        return TrainReply.from_record(_only(self.metrics, TrainReply.keys()))
+
+    def evaluation(self) -> EvaluateReply:
+        return EvaluateReply.from_record(_only(self.metrics, EvaluateReply.keys()))
+
+    def site_facts(self) -> SiteFacts | None:
+        return SiteFacts.from_record(self.facts) if self.facts else None
+
+
+def _only(metrics: dict[str, float], keys: frozenset[str]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in keys}
 
 
 def update_norm(reference: ArrayRecord, update: ArrayRecord) -> float:
@@ -33,32 +56,29 @@ def update_norm(reference: ArrayRecord, update: ArrayRecord) -> float:
     return math.sqrt(total)
 
 
-def site_metrics(replies: Iterable[Message], reference: ArrayRecord | None = None) -> list[SiteMetrics]:
-    """The metrics of each successful reply, named by the site that sent them.
+def site_metrics(
+    replies: Iterable[Message], phase: Phase, reference: ArrayRecord | None = None
+) -> list[SiteMetrics]:
+    """The metrics of each successful reply that keeps its contract, named by its site.
 
-    With ``reference`` (the global weights sent this round), each reply carrying weights also
-    gets ``update-norm``.
+    Replies that break the contract are left out: validation refuses them and says why. With
+    ``reference`` (the global weights sent this round), each train reply also gets
+    ``update-norm``.
     """
     out = []
     for reply in replies:
-        if reply.has_error():
+        try:
+            parsed = read_reply(reply, phase)
+        except ReplyError:
             continue
-        content = reply.content
-        site = "node-%d" % reply.metadata.src_node_id
-        facts: dict[str, str] = {}
-        if "site" in content.config_records:
-            facts = {k: str(v) for k, v in content.config_records["site"].items()}
-            site = facts.get("site-name", site)
-        metrics = {}
-        for record in content.metric_records.values():
-            metrics.update({k: float(v) for k, v in record.items() if isinstance(v, (int, float))})
-        if reference is not None and content.array_records:
-            arrays = next(iter(content.array_records.values()))
+        metrics = {k: float(v) for k, v in parsed.metrics.to_record().items()}
+        if reference is not None and parsed.arrays is not None:
             try:
-                metrics["update-norm"] = update_norm(reference, arrays)
+                metrics[UPDATE_NORM] = update_norm(reference, parsed.arrays)
             except (ValueError, TypeError, EOFError, OSError):
                 pass  # wrong shapes or undecodable bytes: validation refuses the reply, saying why
-        out.append(SiteMetrics(site=site, metrics=metrics, facts=facts))
+        facts = parsed.facts.to_record() if parsed.facts else {}
+        out.append(SiteMetrics(site=parsed.site, metrics=metrics, facts=facts))
     return sorted(out, key=lambda s: s.site)
 
 
@@ -66,9 +86,10 @@ def summarize_evaluation(sites: list[SiteMetrics]) -> dict[str, float]:
     """Pooled Dice over all sites' held-out voxels, plus the mean and the worst site."""
     if not sites:
         return {}
-    dices = [s.metrics["dice"] for s in sites if "dice" in s.metrics]
-    inter = sum(s.metrics.get("dice-intersection", 0.0) for s in sites)
-    denom = sum(s.metrics.get("dice-predicted", 0.0) + s.metrics.get("dice-truth", 0.0) for s in sites)
+    replies = [s.evaluation() for s in sites]
+    dices = [r.dice for r in replies if r.dice is not None]
+    inter = sum(r.dice_intersection or 0.0 for r in replies)
+    denom = sum((r.dice_predicted or 0.0) + (r.dice_truth or 0.0) for r in replies)
     summary = {"sites": float(len(sites))}
     if dices:
         summary["dice_mean"] = sum(dices) / len(dices)

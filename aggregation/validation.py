@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .arrays import decode_array, declared_mismatch
+from .replies import Phase, ReplyError, claimed_site, read_reply
 from .site_metrics import update_norm
 
 log = logging.getLogger("fedseg.aggregation")
@@ -42,7 +43,7 @@ __all__ = [
     "non_finite_keys",
     "arrays_digest",
     "update_norm",
-    "reply_site",
+    "keep_common_metrics",
 ]
 
 # (server round, site or node, reason)
@@ -128,41 +129,43 @@ def arrays_digest(record: ArrayRecord) -> str:
     return h.hexdigest()
 
 
-def reply_site(reply: Message) -> str:
-    """The site a reply names in its ``site`` ConfigRecord, else ``node-<id>``."""
-    content = reply.content
-    if "site" in content.config_records:
-        name = content.config_records["site"].get("site-name")
-        if name:
-            return str(name)
-    return "node-%d" % reply.metadata.src_node_id
-
-
 def _names(keys: list[str], limit: int) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _malformed(reply: Message, weight_key: str) -> str | None:
-    content = reply.content
-    if len(content.array_records) != 1:
-        return f"expected exactly one ArrayRecord, got {len(content.array_records)}"
-    if len(content.metric_records) != 1:
-        return f"expected exactly one MetricRecord, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
-    weight = metrics.get(weight_key)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        return f"{weight_key!r} missing or not a number: {weight!r}"
-    if not math.isfinite(weight) or weight <= 0:
-        return f"{weight_key!r} must be finite and > 0, got {weight}"
+def _malformed(reply: Message, phase: Phase) -> str | None:
+    try:
+        read_reply(reply, phase)
+    except ReplyError as exc:
+        return str(exc)
     return None
+
+
+def keep_common_metrics(replies: list[Message]) -> list[str]:
+    """Cut every successful reply's MetricRecord to the keys all of them carry; the keys cut.
+
+    Sites' policies (``[metrics] allowed``) may keep different optional metrics at home, and
+    Flower's strategies refuse to aggregate MetricRecords whose keys differ
+    (``InconsistentMessageReplies``). The per-site reports read the full records before this.
+    """
+    records = [(m, name, record) for m in replies if not m.has_error()
+               for name, record in m.content.metric_records.items()]
+    if not records:
+        return []
+    common = set.intersection(*(set(record) for _, _, record in records))
+    cut = sorted(set().union(*(set(record) for _, _, record in records)) - common)
+    if cut:
+        for message, name, record in records:
+            message.content[name] = MetricRecord({k: v for k, v in record.items() if k in common})
+    return cut
 
 
 # ----------------------------------------------------------------------------- the wrapper
 
 
 class ValidatingStrategy(Strategy):
-    """Drops train replies that must not be aggregated, then lets ``inner`` aggregate the rest.
+    """Drops replies that must not be aggregated, then lets ``inner`` aggregate the rest.
 
     Parameters
     ----------
@@ -177,19 +180,21 @@ class ValidatingStrategy(Strategy):
         median update norm of this round's otherwise valid replies is refused. Needs at least
         3 such replies and a median > 0; skipped otherwise.
     on_reject : callable (server_round, site_or_node, reason)
-        Called once for every refused reply.
-    weight_key : str
-        The aggregation weight every reply's MetricRecord must carry, finite and > 0.
+        Called once for every refused train reply.
+    on_reject_evaluate : callable (server_round, site_or_node, reason)
+        Called once for every refused evaluate reply (one that breaks the reply contract).
 
     Notes
     -----
-    Checks, in order: stale round, same node twice, reply shape (one ArrayRecord, one
-    MetricRecord, weight), schema (each array's declared shape and dtype, and what its bytes
+    Train replies, in order: stale round, same node twice, the reply contract
+    (:func:`aggregation.replies.read_reply`: one ArrayRecord, one MetricRecord whose keys and
+    values :class:`imaging.replies.TrainReply` accepts, valid site facts), schema (each array's declared shape and dtype, and what its bytes
     actually hold, which is what the strategy aggregates; bytes that do not decode are
     malformed), non-finite values, byte-identical arrays from several nodes, update norm. A node that replied twice, and every node of a group of byte-identical
     updates, are all refused: which copy is genuine cannot be told. Error replies are passed to
     ``inner`` untouched. When no reply survives, ``aggregate_train`` returns ``(None, None)``
-    without calling ``inner``.
+    without calling ``inner``. Evaluate replies are held to their contract
+    (:class:`imaging.replies.EvaluateReply`) only.
     """
 
     def __init__(
@@ -199,7 +204,7 @@ class ValidatingStrategy(Strategy):
         norm_factor: float = 10.0,
         on_reject: OnReject | None = None,
         *,
-        weight_key: str = "num-examples",
+        on_reject_evaluate: OnReject | None = None,
         all_or_nothing: bool = False,
     ) -> None:
         self.all_or_nothing = all_or_nothing  # client-level DP: any rejection voids the round
@@ -211,7 +216,8 @@ class ValidatingStrategy(Strategy):
         )
         self.norm_factor = norm_factor
         self.on_reject: OnReject = on_reject or (lambda _r, _s, _m: None)
-        self.weight_key = weight_key
+        self.on_reject_evaluate: OnReject = on_reject_evaluate or (lambda _r, _s, _m: None)
+        self.evaluate_rejections: list[Rejection] = []  # the last evaluated round's
         self.rejections: list[Rejection] = []  # the last aggregated round's
         self._round: int | None = None
         self._sent_arrays: ArrayRecord | None = None
@@ -241,7 +247,19 @@ class ValidatingStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        kept, rejected = [], []
+        for reply in replies:
+            problem = None if reply.has_error() else _malformed(reply, "evaluate")
+            if problem is None:
+                kept.append(reply)
+            else:
+                rejected.append(Rejection(server_round, reply.metadata.src_node_id,
+                                          claimed_site(reply), f"malformed: {problem}"))
+        self.evaluate_rejections = rejected
+        for r in rejected:
+            self.on_reject_evaluate(r.server_round, r.site, r.reason)
+        keep_common_metrics(kept)
+        return self.inner.aggregate_evaluate(server_round, kept)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -260,8 +278,9 @@ class ValidatingStrategy(Strategy):
             return None, None
         # replies arrive in whatever order the sites finish; aggregating them in a fixed order
         # makes the floating-point sums, and so the run, reproducible
-        kept.sort(key=lambda m: (m.has_error(), reply_site(m) if not m.has_error() else "",
+        kept.sort(key=lambda m: (m.has_error(), claimed_site(m) if not m.has_error() else "",
                                  m.metadata.src_node_id))
+        keep_common_metrics(kept)
         return self.inner.aggregate_train(server_round, kept)
 
     # ------------------------------------------------------------------ the checks
@@ -297,7 +316,7 @@ class ValidatingStrategy(Strategy):
 
         kept = [m for i, m in enumerate(replies) if i not in reasons]
         rejected = [
-            Rejection(server_round, replies[i].metadata.src_node_id, reply_site(replies[i]), reason)
+            Rejection(server_round, replies[i].metadata.src_node_id, claimed_site(replies[i]), reason)
             for i, reason in sorted(reasons.items())
         ]
         return kept, rejected
@@ -317,7 +336,7 @@ class ValidatingStrategy(Strategy):
     def _content_problem(
         self, reply: Message, expected: Schema | None, decoded: dict[int, Decoded], index: int
     ) -> str | None:
-        malformed = _malformed(reply, self.weight_key)
+        malformed = _malformed(reply, "train")
         if malformed:
             return f"malformed: {malformed}"
         arrays = next(iter(reply.content.array_records.values()))

@@ -8,7 +8,6 @@ the site's audit log (run, round start, data access, result, refusal or failure)
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from imaging.instructions import RoundInstructions
+from imaging.replies import ARRAYS_RECORD, METRICS_RECORD, SITE_RECORD, EvaluateReply, SiteFacts, TrainReply
 from imaging.model import load_state_dict, select_device
 from imaging.site_data import SiteDataset
 from imaging.training import autocast_dtype, evaluate, train_epochs
@@ -61,17 +61,11 @@ def _reply(
     message: Message, site: Site, data: SiteDataset, metrics: dict[str, Any], net=None
 ) -> Message:
     """Weights (train only), aggregate metrics, and the site's aggregate input facts."""
-    facts = ConfigRecord(
-        {
-            "site-name": site.name,
-            "manifest-sha256": data.manifest_sha256,
-            "input-stats": json.dumps(data.input_stats, sort_keys=True),
-        }
-    )
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": facts})
+    facts = SiteFacts(site.name, data.manifest_sha256, data.input_stats)
+    content = RecordDict({METRICS_RECORD: MetricRecord(metrics), SITE_RECORD: ConfigRecord(facts.to_record())})
     if net is not None:
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        content["arrays"] = ArrayRecord(state)
+        content[ARRAYS_RECORD] = ArrayRecord(state)
     return Message(content=content, reply_to=message)
 
 
@@ -146,7 +140,7 @@ def _guarded(message: Message, site: Site, node: NodeSettings | None, kind: str,
         audit.append("failure", **where, error=type(exc).__name__, reason=str(exc)[:1000])
         raise
     if dropped:
-        reply.content["metrics"] = MetricRecord(kept)
+        reply.content[METRICS_RECORD] = MetricRecord(kept)
     audit.append("round-result", **where, app_allowed_by=allowed_by, metrics=kept, dropped_metrics=dropped)
     return reply
 
@@ -165,14 +159,9 @@ def _train(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
             net, data.train_images, data.train_masks, instructions=instructions, site=site,
             policy=policy, run_id=str(message.metadata.run_id), device=device,
         )
-        metrics = {
-            "num-examples": dp.num_examples,
-            "train-loss": dp.loss,
-            "train-steps": dp.steps,
-            "epsilon": dp.epsilon,
-            "dp-delta": dp.delta,
-            "dp-noise-multiplier": dp.noise_multiplier,
-        }
+        metrics = TrainReply(num_examples=dp.num_examples, train_loss=dp.loss, train_steps=dp.steps,
+                             epsilon=dp.epsilon, dp_delta=dp.delta,
+                             dp_noise_multiplier=dp.noise_multiplier).to_record()
         if instructions.local_norm:
             keep_local_norm(net, site.name, str(message.metadata.run_id))
         return _reply(message, site, data, metrics, net=net), metrics
@@ -192,11 +181,8 @@ def _train(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
     )
     log.info("site %s round %d: loss %.4f on %d slices", site.name,
              instructions.server_round, result.loss, result.num_examples)
-    metrics = {
-        "num-examples": result.num_examples,
-        "train-loss": result.loss,
-        "train-steps": result.steps,
-    }
+    metrics = TrainReply(num_examples=result.num_examples, train_loss=result.loss,
+                         train_steps=result.steps).to_record()
     if instructions.local_norm:
         keep_local_norm(net, site.name, str(message.metadata.run_id))
     return _reply(message, site, data, metrics, net=net), metrics
@@ -217,14 +203,7 @@ def _evaluate(message: Message, site: Site, node: NodeSettings, policy: SitePoli
         threshold=instructions.spec.threshold,
         autocast=autocast_dtype(device, node.mixed_precision),
     )
-    metrics = {
-        "num-examples": result.num_examples,
-        "eval-loss": result.loss,
-        "dice": result.dice,
-        "dice-intersection": result.counts.intersection,
-        "dice-predicted": result.counts.predicted,
-        "dice-truth": result.counts.truth,
-    }
+    metrics = EvaluateReply.from_counts(result.num_examples, result.loss, result.counts).to_record()
     return _reply(message, site, data, metrics), metrics
 
 

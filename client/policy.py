@@ -28,6 +28,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from imaging.replies import NUM_EXAMPLES
+
 from .app_trust import AppIdentity, load_public_key, public_key_fingerprint, verify_app_signature
 from .errors import PolicyError, PolicyViolation
 
@@ -43,7 +45,7 @@ __all__ = [
 
 POLICY_FILE = "policy.toml"
 #: Metrics a reply cannot go without (FedAvg's weight): disallowing one refuses every round.
-REQUIRED_METRICS = frozenset({"num-examples"})
+REQUIRED_METRICS = frozenset({NUM_EXAMPLES})
 _KNOWN = {
     "privacy": {"require_dp", "epsilon_budget"},
     "training": {"max_local_epochs"},

@@ -10,6 +10,7 @@ __all__ = [
     "SegmentationError",
     "ConfigError",
     "DataError",
+    "ReplyError",
 ]
 
 
@@ -39,3 +40,7 @@ class ConfigError(ImagingError, ValueError):
 
 class DataError(ImagingError):
     """A site's data cannot be used for training or evaluation."""
+
+
+class ReplyError(ImagingError, ValueError):
+    """A site's reply breaks its contract (:mod:`imaging.replies`): a key missing, unknown or out of range."""

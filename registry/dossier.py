@@ -18,6 +18,8 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+from imaging.replies import EvaluateReply, TrainReply
+
 from .comments import Comment, add_comment, list_comments
 from .dossier_checks import (
     BIAS_GAP_THRESHOLD,
@@ -86,11 +88,9 @@ MARKDOWN_FILE = "dossier.md"
 HTML_FILE = "dossier.html"
 PLOTS_DIR = "plots"
 
-# What a site's reply may carry besides weights (ClientApp metric names), for data minimisation.
-_AGGREGATE_METRICS = frozenset({
-    "num-examples", "train-loss", "train-steps", "eval-loss", "dice", "dice-intersection",
-    "dice-predicted", "dice-truth", "update-norm", "epsilon",
-})
+# What a site's reply may carry besides weights (the reply contract), for data minimisation, and
+# what the coordinator logs per site beside it (its update norm, its rejected replies).
+_AGGREGATE_METRICS = TrainReply.keys() | EvaluateReply.keys() | {"update-norm", "rejected"}
 
 
 def _title(facts: DossierFacts) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -82,24 +81,23 @@ def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
             for key, value in s.metrics.items():
                 metrics[f"site/{s.site}/{phase}/{key}"] = value
         if phase == "train":
-            for s in sites:
-                state.train_examples[s.site] = int(s.metrics.get("num-examples", 0))
-                if "epsilon" in s.metrics:
-                    state.epsilon[s.site] = s.metrics["epsilon"]
-                if "dp-delta" in s.metrics:
-                    state.delta[s.site] = s.metrics["dp-delta"]
-                if s.facts.get("manifest-sha256"):
-                    state.manifests[s.site] = s.facts["manifest-sha256"]
-                if s.facts.get("input-stats"):
-                    state.inputs[s.site] = _json_or_empty(s.facts["input-stats"])
-            losses = [s.metrics["train-loss"] for s in sites if "train-loss" in s.metrics]
-            if losses:
-                metrics["train/loss_mean"] = sum(losses) / len(losses)
+            replies = [(s.site, s.train(), s.site_facts()) for s in sites]
+            for site, reply, facts in replies:
+                state.train_examples[site] = reply.num_examples
+                if reply.epsilon is not None:
+                    state.epsilon[site] = reply.epsilon
+                if reply.dp_delta is not None:
+                    state.delta[site] = reply.dp_delta
+                if facts and facts.manifest_sha256:
+                    state.manifests[site] = facts.manifest_sha256
+                if facts:
+                    state.inputs[site] = dict(facts.input_stats)
+            losses = [r.train_loss for _, r, _ in replies if r.train_loss is not None]
         else:
             summary = summarize_evaluation(sites)
             metrics.update({f"eval/{k}": v for k, v in summary.items()})
             state.last_evaluation, state.last_sites = summary, sites
-            per_site = "  ".join(f"{s.site}={s.metrics.get('dice', float('nan')):.3f}" for s in sites)
+            per_site = "  ".join(f"{s.site}={_dice(s, float('nan')):.3f}" for s in sites)
             if summary:
                 progress(
                     f"round {server_round}: Dice pooled {summary['dice_pooled']:.3f}  "
@@ -127,12 +125,9 @@ def _dp_lineage(config: FederationConfig, deltas: dict[str, float]) -> dict[str,
     return dp
 
 
-def _json_or_empty(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+def _dice(site: SiteMetrics, missing: float) -> float:
+    dice = site.evaluation().dice
+    return missing if dice is None else dice
 
 
 def input_reference(inputs: dict[str, dict]) -> dict[str, object]:
@@ -205,10 +200,17 @@ def run_federation(
         progress(f"round {server_round}: rejected the update of {site}: {reason}")
         run.log_metrics({f"site/{site}/train/rejected": 1.0, "train/rejected_updates": 1.0}, step=server_round)
 
+    def on_reject_evaluate(server_round: int, site: str, reason: str) -> None:
+        state.failures += 1
+        progress(f"round {server_round}: rejected the evaluation of {site}: {reason}")
+        run.log_metrics({f"site/{site}/evaluate/rejected": 1.0, "evaluate/rejected_replies": 1.0},
+                        step=server_round)
+
     base = build_strategy(config.strategy)
     quorum = QuorumStrategy(base, config.strategy.min_sites, config.join_timeout)
     validated = ValidatingStrategy(quorum, expected=initial,
                                    norm_factor=config.update_norm_factor, on_reject=on_reject,
+                                   on_reject_evaluate=on_reject_evaluate,
                                    all_or_nothing=config.strategy.client_dp)
     reporting = SiteReportingStrategy(validated, _reporter(run, state, progress))
     retrying = RoundRetryStrategy(reporting, config.strategy.min_sites, config.round_retries,
@@ -267,8 +269,7 @@ def run_federation(
                                              "update_norm_factor": config.update_norm_factor}),
             "code_version": code_version(),
             "preprocessing": spec.to_json(),
-            "eval_sites": compact_json({s.site: round(s.metrics.get("dice", 0.0), 6)
-                                        for s in state.last_sites}),
+            "eval_sites": compact_json({s.site: round(_dice(s, 0.0), 6) for s in state.last_sites}),
             "dp": compact_json(_dp_lineage(config, state.delta)),
             "secure_aggregation": "off",
             "site_manifests": compact_json(state.manifests),

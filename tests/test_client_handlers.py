@@ -11,6 +11,7 @@ import torch
 from flower_messages import instruction
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
+from aggregation.replies import read_reply
 from client.app import create_client_app
 from client.errors import SiteConfigError
 from client.site import PartitionSites, site_from_node_config
@@ -60,6 +61,8 @@ def test_train_replies_update_samples_and_metrics_only(synthetic_sites: list[Pat
     volume, _ = load_case(scan_site(site).cases[0])
     for identifier in (volume.series_uid, volume.study_uid, volume.patient_id, volume.sop_instance_uids[0]):
         assert identifier not in facts["input-stats"] and identifier not in facts["manifest-sha256"]
+    parsed = read_reply(reply, "train")  # the coordinator's reader accepts what the handler sends
+    assert parsed.site == "h1" and parsed.metrics.num_examples == data.num_train
     updated = content["arrays"].to_torch_state_dict()
     assert updated.keys() == initial.keys()
     assert any(not torch.equal(updated[k], initial[k]) for k in initial)
@@ -75,6 +78,7 @@ def test_evaluate_reports_dice_on_held_out_patients(synthetic_sites: list[Path])
     assert metrics["dice-truth"] == float(data.test_masks.sum())
     assert reply.content["site"]["site-name"] == synthetic_sites[1].name
     assert "arrays" not in reply.content
+    assert read_reply(reply, "evaluate").metrics.counts.truth == float(data.test_masks.sum())
 
 
 def test_train_and_test_patients_never_overlap(synthetic_sites: list[Path]) -> None:
