@@ -18,6 +18,11 @@ path of a patient's file):
 ``refusal``      the policy refused the round: the rule and the reason sent back
 ``failure``      the round failed for another reason (the error type and message)
 ``app-identified`` the app's hashes, when the policy came to restrict apps during a run
+``admitted``     a message passed every check and is about to read data: run, round, kind and
+                 ``count``, its ordinal among the run's messages of that kind (the policy's
+                 ``max_rounds`` and ``max_evaluations`` count these)
+``ledger-anchor`` the privacy ledger's head after a DP round (``entries``, ``head``): a ledger
+                 that no longer holds an anchored head is refused (see ``client.ledger_anchor``)
 
 Writers take an exclusive ``fcntl`` lock on the file for read-last-line + append + fsync, so
 concurrent ClientApp processes of one node never interleave or fork the chain.
@@ -160,6 +165,40 @@ class AuditLog:
                 return None
             return self._append_locked(fh, event, {**match, **fields})
 
+    def append_if_fewer(self, event: str, match: Mapping[str, Any], limit: int | None,
+                        **fields: Any) -> dict[str, Any] | None:
+        """Append ``event`` with ``count`` (its ordinal among records of ``event`` with the
+        ``match`` fields) unless ``limit`` of them exist already; None then (nothing written).
+
+        Count and append happen under one lock, so concurrent ClientApp processes never both
+        take the last place. ``limit=None``: no limit, the record is always written.
+        """
+        with self._locked() as fh:
+            count = len(self._find_all(fh, event, match))
+            if limit is not None and count >= limit:
+                return None
+            return self._append_locked(fh, event, {**match, **fields, "count": count + 1})
+
+    def find_all(self, event: str, match: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every record of ``event`` whose fields equal ``match``, in order (read under the lock)."""
+        if not self.path.is_file():
+            return []
+        with self._locked() as fh:
+            return self._find_all(fh, event, match or {})
+
+    @staticmethod
+    def _find_all(fh: IO[bytes], event: str, match: Mapping[str, Any]) -> list[dict[str, Any]]:
+        fh.seek(0)
+        found = []
+        for raw in fh:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if record.get("event") == event and all(record.get(k) == v for k, v in match.items()):
+                found.append(record)
+        return found
+
     def find(self, event: str, match: Mapping[str, Any]) -> dict[str, Any] | None:
         """The first record of ``event`` whose fields equal ``match``, or None."""
         if not self.path.is_file():
@@ -167,17 +206,10 @@ class AuditLog:
         with self._locked() as fh:
             return self._find(fh, event, match)
 
-    @staticmethod
-    def _find(fh: IO[bytes], event: str, match: Mapping[str, Any]) -> dict[str, Any] | None:
-        fh.seek(0)
-        for raw in fh:
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if record.get("event") == event and all(record.get(k) == v for k, v in match.items()):
-                return record
-        return None
+    @classmethod
+    def _find(cls, fh: IO[bytes], event: str, match: Mapping[str, Any]) -> dict[str, Any] | None:
+        found = cls._find_all(fh, event, match)
+        return found[0] if found else None
 
     def records(self) -> list[dict[str, Any]]:
         """Every record, in order (no verification: see :func:`verify_audit_log`)."""

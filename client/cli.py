@@ -26,22 +26,47 @@ site.add_command(app_sign)
 
 @site.group("ledger")
 def ledger() -> None:
-    """The site's durable privacy ledger (every DP-SGD round, composed across runs)."""
+    """The site's durable privacy ledger (every DP-SGD round on its data, composed across runs)."""
+
+
+_LEDGER_FILE = click.option("--ledger-file", type=click.Path(path_type=Path), default=None,
+                            help="Default: $FEDSEG_HOME/ledgers/<site-name>.json (the node's ledger-file).")
+_SITE_NAME = click.option("--site-name", default=None, help="Site name, to find the default files.")
+_SITE_CONFIG = click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+                            default=None, help="The node's site.toml (its ledger_file and audit_log).")
+_FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+
+
+def _ledger_paths(ledger_file: Path | None, audit_file: Path | None, site_name: str | None,
+                  config_file: Path | None) -> tuple[Path, Path | None]:
+    """The ledger and audit log files: given, from site.toml, or the site name's defaults."""
+    from .audit import default_audit_path
+
+    if config_file is not None:
+        from .errors import SiteConfigError
+        from .site_config import load_site_config
+
+        try:
+            node_site = load_site_config(config_file)
+        except SiteConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+        return ledger_file or node_site.ledger_path, audit_file or node_site.audit_path
+    if ledger_file is None and not site_name:
+        raise click.UsageError("give --config, --ledger-file or --site-name")
+    ledger_file = ledger_file or fedseg_home() / "ledgers" / f"{site_name}.json"
+    return ledger_file, audit_file or (default_audit_path(site_name) if site_name else None)
 
 
 @ledger.command("show")
-@click.option("--ledger-file", type=click.Path(path_type=Path), default=None,
-              help="Default: $FEDSEG_HOME/ledgers/<site-name>.json (the node's ledger-file).")
-@click.option("--site-name", default=None, help="Site name, to find the default ledger file.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-def show(ledger_file: Path | None, site_name: str | None, fmt: str) -> None:
-    """Print the ε spent per consortium and model, and every recorded round."""
+@_LEDGER_FILE
+@_SITE_NAME
+@_SITE_CONFIG
+@_FORMAT
+def show(ledger_file: Path | None, site_name: str | None, config_file: Path | None, fmt: str) -> None:
+    """Print the ε spent per budget scope, the names the runs used, and every recorded round."""
     from privacy import LedgerError, PrivacyLedger
 
-    if ledger_file is None:
-        if not site_name:
-            raise click.UsageError("give --ledger-file or --site-name")
-        ledger_file = fedseg_home() / "ledgers" / f"{site_name}.json"
+    ledger_file, _ = _ledger_paths(ledger_file, None, site_name, config_file)
     if not ledger_file.is_file():
         raise click.ClickException(f"no privacy ledger at {ledger_file} (no DP round has run there yet)")
     try:
@@ -51,11 +76,51 @@ def show(ledger_file: Path | None, site_name: str | None, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
-    click.echo(f"ledger {ledger_file}")
-    for consortium, models in sorted(data.get("summary", {}).items()):
-        for model, row in sorted(models.items()):
-            click.echo(f"  {consortium} / {model}: epsilon {row['epsilon']:.3f} at delta {row['delta']:.2g}"
-                       f" ({row['entries']} rounds, {row['steps']} steps)")
+    click.echo(f"ledger {ledger_file} (head {data['head']['entries']}:{data['head']['hash']})")
+    for scope, row in sorted(data.get("summary", {}).items()):
+        click.echo(f"  scope {scope}: epsilon {row['epsilon']:.3f} at delta {row['delta']:.2g}"
+                   f" ({row['entries']} rounds, {row['steps']} steps; runs as {', '.join(row['runs_as'])})")
+
+
+@ledger.command("verify")
+@_LEDGER_FILE
+@click.option("--audit-file", type=click.Path(path_type=Path), default=None,
+              help="Default: $FEDSEG_HOME/audit/<site-name>.jsonl (the node's audit-file).")
+@_SITE_NAME
+@_SITE_CONFIG
+@_FORMAT
+def verify(ledger_file: Path | None, audit_file: Path | None, site_name: str | None,
+           config_file: Path | None, fmt: str) -> None:
+    """Check the ledger's hash chain and that it still holds every head anchored in the audit log.
+
+    Exits 1 when the ledger was edited, truncated, rolled back, replaced or deleted: the node then
+    refuses every DP round until it is restored from a backup.
+    """
+    from privacy import verify_ledger
+
+    from .audit import AuditLog
+    from .errors import AuditError
+    from .ledger_anchor import AuditLedgerAnchor
+
+    ledger_file, audit_file = _ledger_paths(ledger_file, audit_file, site_name, config_file)
+    anchor = AuditLedgerAnchor(AuditLog(audit_file)) if audit_file is not None else None
+    try:
+        result = verify_ledger(ledger_file, anchor)
+    except AuditError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if fmt == "json":
+        click.echo(json.dumps({"ledger": str(ledger_file), "audit_log": str(audit_file) if audit_file else None,
+                               **result.to_dict()}, indent=2, sort_keys=True))
+    elif result.ok:
+        anchored = (f"{result.anchors} anchors in {audit_file}, last {result.last_anchor}"
+                    if result.last_anchor else f"no anchor in {audit_file or 'any audit log'}")
+        state = "" if result.exists else " (no file yet)"
+        migrated = " (version 1: rewritten as version 2 at the next DP round)" if result.version == 1 else ""
+        click.echo(f"OK {ledger_file}{state}{migrated}: head {result.head}; {anchored}")
+    else:
+        click.echo(f"REFUSED {ledger_file}: {result.reason}")
+    if not result.ok:
+        raise SystemExit(1)
 
 
 @site.command("check")

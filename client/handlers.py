@@ -1,8 +1,10 @@
 """The ClientApp's train and evaluate handlers, as plain functions of a Message.
 
 Only weights and aggregate metrics leave: no pixel, no DICOM header, no identifier. Every message
-is checked against the site's policy (``policy.toml``) before any data is read, and recorded in
-the site's audit log (run, round start, data access, result, refusal or failure).
+is checked against the site's policy (``policy.toml``) before any data is read: the app, DP and
+its floors and caps, a DP round's ledger (its hash chain against the anchors in the audit log)
+and, last, the per-run count of messages that read data (``admitted``). Everything is recorded
+in the site's audit log (run, round start, admission, data access, result, refusal or failure).
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from imaging.replies import ARRAYS_RECORD, METRICS_RECORD, SITE_RECORD, Evaluate
 from imaging.model import load_state_dict, select_device
 from imaging.site_data import SiteDataset
 from imaging.training import autocast_dtype, evaluate, train_epochs
-from privacy import BudgetExceededError
+from privacy import BudgetExceededError, LedgerIntegrityError
 
 from .app_trust import AppIdentity, identify_app
 from .audit import AuditLog
-from .local_norm import apply_local_norm, keep_local_norm
 from .errors import PolicyError, PolicyViolation
+from .ledger_anchor import site_ledger
+from .local_norm import apply_local_norm, keep_local_norm
 from .node_settings import NodeSettings
 from .policy import SitePolicy, check_app, check_required_metrics, filter_metrics, load_policy
-from .private_training import check_policy, train_private_round
+from .private_training import check_policy, check_spend, train_private_round
 from .site import Site
 
 __all__ = ["handle_train", "handle_evaluate"]
@@ -39,11 +42,33 @@ log = logging.getLogger("fedseg.client")
 _Body = Callable[[Message, Site, NodeSettings, SitePolicy, AuditLog], tuple[Message, dict[str, Any]]]
 
 
+def _admit(message: Message, audit: AuditLog, policy: SitePolicy, kind: str) -> None:
+    """Count this message among the run's ``kind`` messages that read data; refuse it beyond the
+    policy's cap (``max_rounds`` for train, ``max_evaluations`` for evaluate).
+
+    The count lives in the audit log, so it holds across the fresh ClientApp process each
+    message runs in, and counting and recording happen under one lock.
+    """
+    limit, key = ((policy.max_rounds, "max_rounds") if kind == "train"
+                  else (policy.max_evaluations, "max_evaluations"))
+    admitted = audit.append_if_fewer("admitted", {"run_id": str(message.metadata.run_id), "kind": kind},
+                                     limit, round=_round(message))
+    if admitted is None:
+        raise PolicyViolation(
+            f"site policy allows at most {limit} {kind} messages per run ([privacy] {key}); "
+            "this run has had them all",
+            rule=f"privacy.{key}",
+        )
+
+
 def _load(
-    message: Message, site: Site, instructions: RoundInstructions | None = None
+    message: Message, site: Site, audit: AuditLog, policy: SitePolicy, kind: str,
+    instructions: RoundInstructions | None = None,
 ) -> tuple[RoundInstructions, torch.nn.Module, SiteDataset]:
+    """Admit the message (the last check before data), load the site's data, record the access."""
     if instructions is None:
         instructions = RoundInstructions.from_config(message.content["config"])
+    _admit(message, audit, policy, kind)
     state = message.content["arrays"].to_torch_state_dict()
     net = load_state_dict(instructions.spec, state)
     if instructions.local_norm:  # FedBN: the site's own normalisation layers, not the averages
@@ -54,6 +79,7 @@ def _load(
     if data.problems:
         log.warning("site %s: %d file(s) or series not used, e.g. %s", site.name, len(data.problems),
                     data.problems[0].reason)
+    _record_access(audit, message, kind, data)
     return instructions, net, data
 
 
@@ -131,8 +157,9 @@ def _guarded(message: Message, site: Site, node: NodeSettings | None, kind: str,
         check_required_metrics(policy)
         reply, metrics = body(message, site, node, policy, audit)
         kept, dropped = filter_metrics(metrics, policy)
-    except (PolicyViolation, BudgetExceededError) as exc:
-        rule = getattr(exc, "rule", "") or "privacy.epsilon_budget"
+    except (PolicyViolation, BudgetExceededError, LedgerIntegrityError) as exc:
+        rule = getattr(exc, "rule", "") or (
+            "privacy.ledger" if isinstance(exc, LedgerIntegrityError) else "privacy.epsilon_budget")
         audit.append("refusal", **where, rule=rule, reason=str(exc))
         log.warning("site %s refused %s round %s: %s", site.name, kind, where["round"], exc)
         raise
@@ -148,16 +175,20 @@ def _guarded(message: Message, site: Site, node: NodeSettings | None, kind: str,
 def _train(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
            audit: AuditLog) -> tuple[Message, dict[str, Any]]:
     instructions = RoundInstructions.from_config(message.content["config"])
+    run_id = str(message.metadata.run_id)
     check_policy(instructions, policy)  # before touching any data
-    instructions, net, data = _load(message, site, instructions)
-    _record_access(audit, message, "train", data)
+    ledger = None
+    if instructions.dp:  # a deleted or rolled-back ledger is refused here, before any data
+        ledger = site_ledger(site, audit)
+        check_spend(ledger, policy, run_id)
+    instructions, net, data = _load(message, site, audit, policy, "train", instructions)
     if data.num_train == 0:
         raise ValueError(f"site {site.name} has no training patients after the split")
     device = select_device(node.device)
-    if instructions.dp:  # float32 only: see imaging.training.autocast_dtype
+    if ledger is not None:  # float32 only: see imaging.training.autocast_dtype
         dp = train_private_round(
             net, data.train_images, data.train_masks, instructions=instructions, site=site,
-            policy=policy, run_id=str(message.metadata.run_id), device=device,
+            policy=policy, ledger=ledger, run_id=run_id, device=device,
         )
         metrics = TrainReply(num_examples=dp.num_examples, train_loss=dp.loss, train_steps=dp.steps,
                              epsilon=dp.epsilon, dp_delta=dp.delta,
@@ -190,8 +221,7 @@ def _train(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
 
 def _evaluate(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
               audit: AuditLog) -> tuple[Message, dict[str, Any]]:
-    instructions, net, data = _load(message, site)
-    _record_access(audit, message, "evaluate", data)
+    instructions, net, data = _load(message, site, audit, policy, "evaluate")
     if data.num_test == 0:
         raise ValueError(f"site {site.name} has no held-out patients (needs at least 2 patients)")
     device = select_device(node.device)

@@ -6,9 +6,14 @@ allowed_hashes = ["sha256:<64 hex>"]       # FAB hash or content hash (`fedseg s
 trusted_publishers = ["keys/consortium.pub.pem"]  # Ed25519: PEM/OpenSSH file, ssh-ed25519 line, base64
 [training]
 max_local_epochs = 2
-[privacy]
-require_dp = true
-epsilon_budget = 8.0      # per consortium and model, composed across runs
+[privacy]                 # floors and caps the run config cannot lower
+require_dp = true         # refuse training without DP-SGD
+epsilon_budget = 8.0      # total ε on this site's data, composed across every run and model
+budget_scope = "site"     # the site's name for the data set the budget covers (default "site")
+min_noise_multiplier = 1.0
+max_epsilon_per_run = 2.0
+max_rounds = 10           # train messages per run that read data (retries included)
+max_evaluations = 12      # evaluate messages per run that read data
 [metrics]
 allowed = ["num-examples", "train-loss", "dice"]  # which metric keys may leave the site
 ```
@@ -29,6 +34,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from imaging.replies import NUM_EXAMPLES
+from privacy import DEFAULT_SCOPE
 
 from .app_trust import AppIdentity, load_public_key, public_key_fingerprint, verify_app_signature
 from .errors import PolicyError, PolicyViolation
@@ -47,23 +53,30 @@ POLICY_FILE = "policy.toml"
 #: Metrics a reply cannot go without (FedAvg's weight): disallowing one refuses every round.
 REQUIRED_METRICS = frozenset({NUM_EXAMPLES})
 _KNOWN = {
-    "privacy": {"require_dp", "epsilon_budget"},
+    "privacy": {"require_dp", "epsilon_budget", "budget_scope", "min_noise_multiplier",
+                "max_epsilon_per_run", "max_rounds", "max_evaluations"},
     "training": {"max_local_epochs"},
     "apps": {"allowed_hashes", "trusted_publishers"},
     "metrics": {"allowed"},
 }
 _HASH = re.compile(r"^(?:sha256:)?([0-9a-fA-F]{64})$")
+_SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
 class SitePolicy:
     require_dp: bool = False
-    epsilon_budget: float | None = None  # total ε this site spends per consortium and model
+    epsilon_budget: float | None = None  # total ε this site spends on its data (one budget scope)
     max_local_epochs: int | None = None
     source: str = "default (no policy file)"
     allowed_hashes: frozenset[str] = frozenset()  # lower-case hex, FAB or content hash
     trusted_publishers: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)  # by fingerprint
     allowed_metrics: frozenset[str] | None = None  # None: every metric may leave
+    budget_scope: str = DEFAULT_SCOPE  # the ledger scope DP rounds spend, whatever the run's names
+    min_noise_multiplier: float | None = None  # floor on DP-SGD's σ
+    max_epsilon_per_run: float | None = None  # cap on the ε one run spends at this site
+    max_rounds: int | None = None  # train messages per run that may read data
+    max_evaluations: int | None = None  # evaluate messages per run that may read data
 
     @property
     def restricts_apps(self) -> bool:
@@ -115,24 +128,48 @@ def load_policy(path: Path | None) -> SitePolicy:
     privacy, training = _section(data, "privacy", path), _section(data, "training", path)
     apps, metrics = _section(data, "apps", path), _section(data, "metrics", path)
     require_dp = privacy.get("require_dp", False)
-    budget = privacy.get("epsilon_budget")
-    epochs = training.get("max_local_epochs")
     if not isinstance(require_dp, bool):
         raise PolicyError(f"{path}: privacy.require_dp must be true or false")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
-        raise PolicyError(f"{path}: privacy.epsilon_budget must be a positive number")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise PolicyError(f"{path}: training.max_local_epochs must be a positive integer")
+    scope = privacy.get("budget_scope", DEFAULT_SCOPE)
+    if not isinstance(scope, str) or not _SCOPE.match(scope):
+        raise PolicyError(f"{path}: privacy.budget_scope must be 1-64 letters, digits, '.', '_' or '-'")
     hashes = _hashes(_strings(apps, "allowed_hashes", f"{path} [apps]") or [], path)
     keys = [load_public_key(spec, path.parent)
             for spec in _strings(apps, "trusted_publishers", f"{path} [apps]") or []]
     allowed = _strings(metrics, "allowed", f"{path} [metrics]")
     return SitePolicy(
-        require_dp, float(budget) if budget is not None else None, epochs, str(path),
+        require_dp, _number(privacy, "epsilon_budget", path, "privacy"),
+        _integer(training, "max_local_epochs", path, "training", minimum=1), str(path),
         allowed_hashes=hashes,
         trusted_publishers={public_key_fingerprint(k): k for k in keys},
         allowed_metrics=frozenset(allowed) if allowed is not None else None,
+        budget_scope=scope,
+        min_noise_multiplier=_number(privacy, "min_noise_multiplier", path, "privacy"),
+        max_epsilon_per_run=_number(privacy, "max_epsilon_per_run", path, "privacy"),
+        max_rounds=_integer(privacy, "max_rounds", path, "privacy", minimum=1),
+        max_evaluations=_integer(privacy, "max_evaluations", path, "privacy", minimum=0),
     )
+
+
+def _number(section: dict[str, Any], key: str, path: Path, name: str) -> float | None:
+    """A positive finite number, or None when absent."""
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise PolicyError(f"{path}: {name}.{key} must be a positive number")
+    return float(value)
+
+
+def _integer(section: dict[str, Any], key: str, path: Path, name: str, *, minimum: int) -> int | None:
+    """An integer >= ``minimum``, or None when absent."""
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise PolicyError(f"{path}: {name}.{key} must be {kind}")
+    return value
 
 
 def check_app(app: AppIdentity, policy: SitePolicy) -> str:

@@ -5,7 +5,14 @@ Every error raised on purpose by :mod:`privacy` derives from :class:`PrivacyErro
 
 from __future__ import annotations
 
-__all__ = ["PrivacyError", "PrivacyConfigError", "BudgetExceededError", "LedgerError", "PkiError"]
+__all__ = [
+    "PrivacyError",
+    "PrivacyConfigError",
+    "BudgetExceededError",
+    "LedgerError",
+    "LedgerIntegrityError",
+    "PkiError",
+]
 
 
 class PrivacyError(Exception):
@@ -46,6 +53,11 @@ class BudgetExceededError(PrivacyError):
 
 class LedgerError(PrivacyError):
     """The privacy ledger cannot be read, written or composed (corrupt file, mixed δ...)."""
+
+
+class LedgerIntegrityError(LedgerError):
+    """The ledger's hash chain is broken, or it lost a head anchored outside it (deleted,
+    truncated, rolled back or rewritten): it is refused, never reset. The message holds no path."""
 
 
 class PkiError(PrivacyError):

@@ -67,7 +67,7 @@ ROUNDS = [(1.1, 0.05, 100), (1.1, 0.05, 250), (1.3, 0.05, 60)]
 def _record_rounds(ledger: PrivacyLedger, rounds=ROUNDS, delta: float = 1e-5) -> None:
     for number, (sigma, q, steps) in enumerate(rounds, start=1):
         ledger.record(
-            "consortium-a", "fedseg-unet", run_id="run-1", round=number,
+            "site", run_id="run-1", round=number, consortium="consortium-a", model="fedseg-unet",
             noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta,
         )
 
@@ -75,38 +75,41 @@ def _record_rounds(ledger: PrivacyLedger, rounds=ROUNDS, delta: float = 1e-5) ->
 def test_ledger_epsilon_equals_one_accountant_over_all_steps(tmp_path: Path) -> None:
     path = tmp_path / "site" / "privacy-ledger.json"
     ledger = PrivacyLedger(path)
-    assert ledger.spent("consortium-a", "fedseg-unet", 1e-5) == 0.0
+    assert ledger.spent("site", 1e-5) == 0.0
     _record_rounds(ledger)
 
     one = RDPAccountant()
     for mechanism in ROUNDS:
         one.history.append(mechanism)
     expected = one.get_epsilon(delta=1e-5)
-    assert ledger.spent("consortium-a", "fedseg-unet", 1e-5) == pytest.approx(expected, rel=1e-12)
+    assert ledger.spent("site", 1e-5) == pytest.approx(expected, rel=1e-12)
     # More than any single round: a fresh engine per round would under-report.
     assert expected > max(compose_epsilon([m], delta=1e-5, accountant="rdp") for m in ROUNDS)
 
     reloaded = PrivacyLedger(path)  # as after a process restart
-    assert reloaded.spent("consortium-a", "fedseg-unet") == pytest.approx(expected, rel=1e-12)
-    assert [e.steps for e in reloaded.entries("consortium-a", "fedseg-unet")] == [100, 250, 60]
-    assert reloaded.spent("consortium-b", "fedseg-unet", 1e-5) == 0.0  # keyed by consortium
-    assert reloaded.spent("consortium-a", "other-model", 1e-5) == 0.0  # and by model
+    assert reloaded.spent("site") == pytest.approx(expected, rel=1e-12)
+    assert [e.steps for e in reloaded.entries("site")] == [100, 250, 60]
+    # Keyed by the site's budget scope (issue 15): what a run calls its consortium or model is
+    # recorded but does not scope ε; only another scope the site's policy names starts apart.
+    assert {(e.consortium, e.model) for e in reloaded.entries("site")} == {("consortium-a", "fedseg-unet")}
+    assert reloaded.spent("other-scope", 1e-5) == 0.0
 
     data = json.loads(json.dumps(reloaded.to_dict()))
-    summary = data["summary"]["consortium-a"]["fedseg-unet"]
+    summary = data["summary"]["site"]
     assert summary["epsilon"] == pytest.approx(expected) and summary["steps"] == 410
+    assert summary["runs_as"] == ["consortium-a/fedseg-unet"]
     assert not list(path.parent.glob("*.tmp"))  # atomic writes leave no temporary files
 
 
 def test_ledger_refuses_mixing_deltas(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     _record_rounds(ledger, ROUNDS[:1], delta=1e-5)
-    with pytest.raises(LedgerError, match="recorded at δ=1e-05"):
-        ledger.record("consortium-a", "fedseg-unet", run_id="r", round=2, noise_multiplier=1.0,
+    with pytest.raises(LedgerError, match="accounted at δ=1e-05"):
+        ledger.record("site", run_id="r", round=2, noise_multiplier=1.0,
                       sample_rate=0.05, steps=10, delta=1e-6)
-    with pytest.raises(LedgerError, match="recorded at δ=1e-05"):
-        ledger.spent("consortium-a", "fedseg-unet", 1e-6)
-    assert len(ledger.entries("consortium-a", "fedseg-unet")) == 1
+    with pytest.raises(LedgerError, match="accounted at δ=1e-05"):
+        ledger.spent("site", 1e-6)
+    assert len(ledger.entries("site")) == 1
 
 
 def test_ledger_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
@@ -115,7 +118,7 @@ def test_ledger_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     def write(worker: int) -> None:
         ledger = PrivacyLedger(path)  # separate instances share the per-path lock
         for i in range(5):
-            ledger.record("c", "m", run_id=f"w{worker}", round=i, noise_multiplier=1.0,
+            ledger.record("site", run_id=f"w{worker}", round=i, noise_multiplier=1.0,
                           sample_rate=0.1, steps=1, delta=1e-5)
 
     threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
@@ -123,7 +126,7 @@ def test_ledger_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert len(PrivacyLedger(path).entries("c", "m")) == 20
+    assert len(PrivacyLedger(path).entries("site")) == 20  # and one unbroken hash chain
 
 
 # ---------------------------------------------------------------- (c) per-sample gradients
@@ -171,19 +174,19 @@ def test_batch_pooled_dice_is_not_per_sample_decomposable() -> None:
 def test_over_budget_projection_names_the_remaining_budget(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     _record_rounds(ledger, ROUNDS[:1])
-    spent = ledger.spent("consortium-a", "fedseg-unet", 1e-5)
-    projected = ledger.projected("consortium-a", "fedseg-unet", 1e-5, 1.1, 0.05, 250)
+    spent = ledger.spent("site", 1e-5)
+    projected = ledger.projected("site", 1e-5, 1.1, 0.05, 250)
     assert projected > spent
     budget = (spent + projected) / 2
     with pytest.raises(BudgetExceededError) as caught:
-        ledger.check_budget("consortium-a", "fedseg-unet", budget=budget, delta=1e-5,
+        ledger.check_budget("site", budget=budget, delta=1e-5,
                             noise_multiplier=1.1, sample_rate=0.05, steps=250)
     error = caught.value
     assert isinstance(error, PrivacyError)
     assert error.remaining == pytest.approx(budget - spent)
     assert f"remaining budget {budget - spent:.4f}" in str(error)
     assert f"ε={projected:.4f} > budget {budget:.4f}" in str(error)
-    ok = ledger.check_budget("consortium-a", "fedseg-unet", budget=projected + 0.1, delta=1e-5,
+    ok = ledger.check_budget("site", budget=projected + 0.1, delta=1e-5,
                              noise_multiplier=1.1, sample_rate=0.05, steps=250)
     assert ok == pytest.approx(projected)
 

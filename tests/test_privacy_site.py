@@ -48,18 +48,19 @@ def test_dp_round_reports_epsilon_and_records_the_ledger(site_dir: Path, fedseg_
     reply = _train(site_dir, dp=True, noise_multiplier=1.0)
     metrics = reply.content["metrics"]
     ledger = PrivacyLedger(fedseg_home / "ledgers" / "h1.json")
-    (entry,) = ledger.entries("c1", "m1")
+    (entry,) = ledger.entries("site")  # the site's scope: what the run calls itself is kept, not keyed
     assert entry.steps == metrics["train-steps"] and entry.noise_multiplier == 1.0
-    assert metrics["epsilon"] == pytest.approx(ledger.spent("c1", "m1"))
+    assert (entry.consortium, entry.model) == ("c1", "m1")
+    assert metrics["epsilon"] == pytest.approx(ledger.spent("site"))
     assert metrics["dp-delta"] < 1 / metrics["num-examples"]
     # the second round composes with the first: ε grows, δ stays
     reply2 = _train(site_dir, server_round=2, dp=True, noise_multiplier=1.0)
     assert reply2.content["metrics"]["epsilon"] > metrics["epsilon"]
-    assert len(ledger.entries("c1", "m1")) == 2
+    assert len(ledger.entries("site")) == 2
 
     shown = CliRunner().invoke(site_cli, ["ledger", "show", "--site-name", "h1", "--format", "json"])
     assert shown.exit_code == 0, shown.output
-    summary = json.loads(shown.output)["summary"]["c1"]["m1"]
+    summary = json.loads(shown.output)["summary"]["site"]
     assert summary["entries"] == 2 and summary["epsilon"] == pytest.approx(reply2.content["metrics"]["epsilon"])
 
 
@@ -68,7 +69,7 @@ def test_over_budget_round_is_refused_naming_the_remaining_budget(site_dir: Path
     (site_dir / "policy.toml").write_text(f"[privacy]\nrequire_dp = true\nepsilon_budget = {first * 1.2:.6f}\n")
     with pytest.raises(BudgetExceededError, match="remaining budget"):
         _train(site_dir, server_round=2, dp=True, noise_multiplier=1.0)
-    assert len(PrivacyLedger(fedseg_home / "ledgers" / "h1.json").entries("c1", "m1")) == 1  # nothing spent
+    assert len(PrivacyLedger(fedseg_home / "ledgers" / "h1.json").entries("site")) == 1  # nothing spent
 
 
 def test_policy_rules_are_enforced_and_named(site_dir: Path, tmp_path: Path) -> None:
@@ -100,9 +101,9 @@ def test_simulation_refuses_an_over_budget_site_and_goes_on(synthetic_sites: lis
     assert "BudgetExceededError" in run.stderr and "remaining budget" in run.stderr
     ledger_b = PrivacyLedger(fedseg_home / "ledgers" / "site-b.json")
     ledger_a = PrivacyLedger(fedseg_home / "ledgers" / "site-a.json")
-    assert len(ledger_b.entries("c-test", "dp-unet")) == 1
-    assert len(ledger_a.entries("c-test", "dp-unet")) == 2
-    assert ledger_b.spent("c-test", "dp-unet") <= 12.0
+    assert len(ledger_b.entries("site")) == 1
+    assert len(ledger_a.entries("site")) == 2
+    assert ledger_b.spent("site") <= 12.0
 
     listed = subprocess.run([sys.executable, "-m", "fedseg.cli", "registry", "show", "dp-unet", "1",
                              "--format", "json"], capture_output=True, text=True, timeout=120)
@@ -111,4 +112,4 @@ def test_simulation_refuses_an_over_budget_site_and_goes_on(synthetic_sites: lis
     assert lineage["dp"]["enabled"] is True and lineage["dp"]["noise_multiplier"] == 0.7
     assert set(lineage["dp"]["delta_sites"]) == {"site-a", "site-b"} and lineage["dp"]["delta"] <= 1e-5
     assert set(lineage["epsilon_sites"]) == {"site-a", "site-b"}
-    assert lineage["epsilon_sites"]["site-a"] == pytest.approx(ledger_a.spent("c-test", "dp-unet"), abs=1e-3)
+    assert lineage["epsilon_sites"]["site-a"] == pytest.approx(ledger_a.spent("site"), abs=1e-3)

@@ -165,17 +165,19 @@ def test_the_client_app_audits_runs_rounds_data_access_and_refusals(synthetic_si
     events = [(r["event"], r.get("kind")) for r in records]
     assert events == [
         ("run", None),
-        ("round-start", "train"), ("data-access", "train"), ("round-result", "train"),
-        ("round-start", "evaluate"), ("data-access", "evaluate"), ("round-result", "evaluate"),
+        ("round-start", "train"), ("admitted", "train"), ("data-access", "train"), ("round-result", "train"),
+        ("round-start", "evaluate"), ("admitted", "evaluate"), ("data-access", "evaluate"),
+        ("round-result", "evaluate"),
         ("round-start", "train"), ("refusal", "train"),
     ]
     run = records[0]
     assert run["run_id"] == "7" and run["site"] == "h1" and run["app"]["fab_id"] == "fedseg/fedseg"
-    access = records[2]
+    assert records[2]["count"] == 1  # the run's first train message to read data (max_rounds counts these)
+    access = records[3]
     assert access["manifest_sha256"] == reply.content["site"]["manifest-sha256"]
     assert access["series"] == 4 and access["slices"] == 32
     assert access["train_slices"] + access["test_slices"] == 32
-    result = records[3]
+    result = records[4]
     assert result["metrics"]["num-examples"] == reply.content["metrics"]["num-examples"]
     assert result["dropped_metrics"] == []
     refusal = records[-1]
@@ -197,7 +199,7 @@ def test_the_default_audit_log_is_per_site_under_fedseg_home(synthetic_sites: li
                       node_config={"data-dir": str(synthetic_sites[1]), "site-name": "h2"})
     create_client_app()(_message(MessageType.EVALUATE, 1, run_id=3), context)
     path = fedseg_home / "audit" / "h2.jsonl"
-    assert [r["event"] for r in AuditLog(path).records()] == ["run", "round-start", "data-access",
-                                                             "round-result"]
+    assert [r["event"] for r in AuditLog(path).records()] == ["run", "round-start", "admitted",
+                                                             "data-access", "round-result"]
     result = CliRunner().invoke(site_cli, ["audit", "verify", "--site-name", "h2"])
     assert result.exit_code == 0 and "OK" in result.output
