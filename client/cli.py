@@ -63,19 +63,29 @@ def _ledger_paths(ledger_file: Path | None, audit_file: Path | None, site_name: 
 @_SITE_CONFIG
 @_FORMAT
 def show(ledger_file: Path | None, site_name: str | None, config_file: Path | None, fmt: str) -> None:
-    """Print the ε spent per budget scope, the names the runs used, and every recorded round."""
-    from privacy import LedgerError, PrivacyLedger
+    """Print the ε spent per budget scope, the names the runs used, and every recorded round.
 
-    ledger_file, _ = _ledger_paths(ledger_file, None, site_name, config_file)
+    A ledger that fails `verify` against the audit log is still shown, under a warning.
+    """
+    from privacy import LedgerError, PrivacyLedger, verify_ledger
+
+    from .audit import AuditLog
+    from .ledger_anchor import AuditLedgerAnchor
+
+    ledger_file, audit_file = _ledger_paths(ledger_file, None, site_name, config_file)
     if not ledger_file.is_file():
         raise click.ClickException(f"no privacy ledger at {ledger_file} (no DP round has run there yet)")
     try:
         data = PrivacyLedger(ledger_file).to_dict()
     except LedgerError as exc:
         raise click.ClickException(str(exc)) from exc
+    anchor = AuditLedgerAnchor(AuditLog(audit_file)) if audit_file is not None else None
+    report = verify_ledger(ledger_file, anchor)
     if fmt == "json":
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        click.echo(json.dumps({**data, "verified": report.to_dict()}, indent=2, sort_keys=True))
         return
+    if not report.ok:
+        click.echo(f"WARNING: {report.reason}", err=True)
     click.echo(f"ledger {ledger_file} (head {data['head']['entries']}:{data['head']['hash']})")
     for scope, row in sorted(data.get("summary", {}).items()):
         click.echo(f"  scope {scope}: epsilon {row['epsilon']:.3f} at delta {row['delta']:.2g}"

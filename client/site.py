@@ -27,7 +27,8 @@ class Site:
     data_dir : Path
         The local DICOM folder: the folder source itself, or a PACS source's fetch cache.
     name : str
-        The site's name (metrics, ledger and audit file names).
+        The site's name (metrics, ledger and audit file names). The ledger is the site's: one
+        budget per scope of its policy, whatever a run calls its consortium or model.
     cache_dir : Path or None
         Preprocessed slices; None disables that cache.
     policy_file, ledger_file, audit_file : Path or None
