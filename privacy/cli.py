@@ -12,6 +12,7 @@ from .pki import (
     CURVES,
     create_ca,
     create_site_key,
+    issue_client_certificate,
     issue_server_certificate,
     read_site_public_key,
     ssh_fingerprint,
@@ -27,7 +28,7 @@ def pki() -> None:
     """Keys and certificates for a real federation (TLS and SuperNode authentication).
 
     \b
-    Operator:  init-ca, superlink-cert, register-steps (then `flwr supernode register`)
+    Operator:  init-ca, superlink-cert, operator-cert, register-steps (then `flwr supernode register`)
     Hospital:  site-key (keeps the .key, sends the .key.pub to the operator)
     """
 
@@ -85,6 +86,29 @@ def superlink_cert(ca_dir: Path, hosts: tuple[str, ...], ips: tuple[str, ...], o
                f"--ssl-keyfile {shlex.quote(str(key))} \\\n"
                "      --enable-supernode-auth --database /var/lib/fedseg/superlink.db \\\n"
                "      --disable-runtime-dependency-installation --host 0.0.0.0 --port 8000")
+
+
+@pki.command("operator-cert")
+@click.option("--ca", "ca_dir", required=True, type=_DIR,
+              help="The operator CA's directory (a second `init-ca`, never given to hospitals).")
+@click.option("--name", required=True, help="The operator's name (certificate subject and file stem).")
+@click.option("--out", "out_dir", required=True, type=_DIR, help="Directory for NAME.crt and NAME.key.")
+@click.option("--days", default=365, show_default=True, help="Validity (capped at the CA's).")
+@click.option("--force", is_flag=True, help="Replace existing files.")
+def operator_cert(ca_dir: Path, name: str, out_dir: Path, days: int, force: bool) -> None:
+    """Sign an operator's TLS client certificate: the gateway's operator listener requires it."""
+    try:
+        issued = issue_client_certificate(ca_dir, out_dir, name=name, days=days, force=force)
+    except PkiError as exc:
+        raise _fail(exc) from None
+    cert, key = issued.cert_path.resolve(), issued.key_path.resolve()
+    click.echo(f"certificate  {cert}  (client authentication; valid until {issued.not_after:%Y-%m-%d}; "
+               f"sha256 {issued.fingerprint})")
+    click.echo(f"private key  {key}  (0600: only on this operator's workstation)")
+    click.echo("")
+    click.echo("The operator reaches the Control API through the gateway's operator listener:")
+    click.echo(f"  fedseg coordinator tunnel --gateway superlink.example.org:9443 --ca ca.crt "
+               f"--cert {shlex.quote(str(cert))} --key {shlex.quote(str(key))}")
 
 
 @pki.command("site-key")

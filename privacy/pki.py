@@ -9,6 +9,9 @@
   ``load_ssh_private_key``) and the public key as an OpenSSH line (``flwr supernode register``
   loads it with ``load_ssh_public_key``). The hospital keeps the private key; the operator
   registers the public key with the SuperLink.
+- Each operator's TLS client certificate (``<name>.crt``, ``<name>.key``), signed by an operator
+  CA (a second :func:`create_ca`), which the coordinator's gateway requires on its operator
+  listener: the Control API is reachable only with it (see ``server/gateway.py``).
 
 Private keys are written with mode 0600 and no file is replaced unless ``force`` is given.
 """
@@ -38,10 +41,13 @@ __all__ = [
     "CA_KEY",
     "CURVES",
     "CertificateAuthority",
+    "ClientCertificate",
     "ServerCertificate",
     "SiteKey",
     "create_ca",
+    "certificate_sha1",
     "create_site_key",
+    "issue_client_certificate",
     "issue_server_certificate",
     "load_ca",
     "read_site_public_key",
@@ -77,6 +83,18 @@ class ServerCertificate:
     ca_cert_path: Path
     dns_names: tuple[str, ...]
     ip_addresses: tuple[str, ...]
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """An operator's TLS client certificate (``clientAuth``) and its key."""
+
+    name: str
+    cert_path: Path
+    key_path: Path
+    ca_cert_path: Path
+    fingerprint: str  # SHA-256, hex
     not_after: dt.datetime
 
 
@@ -231,6 +249,44 @@ def load_ca(ca_dir: Path) -> CertificateAuthority:
     return CertificateAuthority(cert_path, key_path, cert, key)
 
 
+def _sign_leaf(
+    ca: CertificateAuthority,
+    key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    *,
+    days: int,
+    usage: x509.ObjectIdentifier,
+    sans: Sequence[x509.GeneralName] = (),
+) -> x509.Certificate:
+    """An end-entity certificate for KEY signed by CA: one extended key usage (server or client
+    authentication, never both), valid for DAYS at most and never beyond the CA."""
+    now = _now()
+    not_after = min(now + dt.timedelta(days=days), ca.certificate.not_valid_after_utc)
+    ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_encipherment=False, key_cert_sign=False,
+                          crl_sign=False, content_commitment=False, data_encipherment=False,
+                          key_agreement=False, encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return builder.sign(ca.private_key, hashes.SHA384())
+
+
 # ----------------------------------------------------------------------------- SuperLink TLS
 
 
@@ -282,39 +338,54 @@ def issue_server_certificate(
     _refuse_existing([cert_path, key_path, *([ca_copy] if copy_ca else [])], force)
 
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
-    not_after = min(now + dt.timedelta(days=days), ca.certificate.not_valid_after_utc)
     common_name = dns[0] if dns else str(addresses[0])
     sans: list[x509.GeneralName] = [x509.DNSName(h) for h in dns]
     sans += [x509.IPAddress(a) for a in addresses]
-    ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, key_encipherment=False, key_cert_sign=False,
-                          crl_sign=False, content_commitment=False, data_encipherment=False,
-                          key_agreement=False, encipher_only=False, decipher_only=False),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca.private_key, hashes.SHA384())
-    )
+    cert = _sign_leaf(ca, key, common_name, days=days, usage=ExtendedKeyUsageOID.SERVER_AUTH, sans=sans)
     _write(key_path, _pem_key(key), private=True)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
     if copy_ca:
         _write(ca_copy, ca.cert_path.read_bytes(), private=False)
     return ServerCertificate(cert_path, key_path, ca_copy if copy_ca else ca.cert_path,
-                             tuple(dns), tuple(str(a) for a in addresses), not_after)
+                             tuple(dns), tuple(str(a) for a in addresses), cert.not_valid_after_utc)
+
+
+# ----------------------------------------------------------------------------- operators
+
+
+def issue_client_certificate(
+    ca_dir: Path, out_dir: Path, *, name: str, days: int = 365, force: bool = False
+) -> ClientCertificate:
+    """Sign an operator's TLS client certificate with the CA in CA_DIR (the operator CA).
+
+    Writes ``OUT_DIR/<name>.crt`` and ``OUT_DIR/<name>.key`` (0600): the credential the
+    coordinator's gateway asks for on its operator listener (``fedseg coordinator gateway``),
+    presented by ``fedseg coordinator tunnel``. The certificate is for client authentication
+    only (extended key usage ``clientAuth``), so it can never serve as a server certificate.
+    """
+    _check_name("operator name", name)
+    _check_days(days)
+    ca = load_ca(ca_dir)
+    out_dir = _prepare_dir(out_dir)
+    cert_path, key_path = out_dir / f"{name}.crt", out_dir / f"{name}.key"
+    _refuse_existing([cert_path, key_path], force)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _sign_leaf(ca, key, name, days=days, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    _write(key_path, _pem_key(key), private=True)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    return ClientCertificate(name, cert_path, key_path, ca.cert_path,
+                             cert.fingerprint(hashes.SHA256()).hex(), cert.not_valid_after_utc)
+
+
+def certificate_sha1(path: Path) -> str:
+    """The SHA-1 fingerprint of the PEM certificate at PATH, lower-case hex (nginx's
+    ``$ssl_client_fingerprint``)."""
+    path = Path(path).expanduser()
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"{path} is not a readable PEM certificate: {exc}") from exc
+    return cert.fingerprint(hashes.SHA1()).hex()  # noqa: S303 - an identifier, as nginx names it
 
 
 # ----------------------------------------------------------------------------- SuperNode keys

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ServerError", "RunConfigError", "FederationError", "JournalError"]
+__all__ = ["ServerError", "RunConfigError", "FederationError", "JournalError", "GatewayError"]
 
 
 class ServerError(Exception):
@@ -19,3 +19,8 @@ class FederationError(ServerError):
 
 class JournalError(ServerError):
     """A run journal is missing, damaged, or cannot be resumed as asked."""
+
+
+class GatewayError(ServerError, ValueError):
+    """The coordinator's gateway or the operator's tunnel cannot be configured or started as
+    asked (a SuperLink off loopback, clashing ports, an unreadable certificate...)."""

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from privacy.cli import pki
+from server.cli import coordinator
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,8 +49,8 @@ _START_TIMEOUT_S = 120.0
 ACTIVATED = re.compile(r"SuperNode ID: \d+")
 CLIENTAPP_STARTED = "Start `flwr-clientapp` process"
 
-__all__ = ["ACTIVATED", "BackgroundRun", "CLIENTAPP_STARTED", "CONNECTION", "Deployment", "FlowerRun", "Process",
-           "free_port", "pki_cli"]
+__all__ = ["ACTIVATED", "BackgroundRun", "CLIENTAPP_STARTED", "CONNECTION", "Deployment", "FlowerRun", "Gateway",
+           "Process", "coordinator_cli", "flwr_config", "free_port", "pki_cli"]
 
 
 def free_port() -> int:
@@ -62,6 +64,21 @@ def pki_cli(*args: str) -> str:
     result = CliRunner().invoke(pki, list(args))
     assert result.exit_code == 0, f"fedseg pki {' '.join(args)} failed:\n{result.output}"
     return result.output
+
+
+def coordinator_cli(*args: str) -> str:
+    """``fedseg coordinator ARGS`` in-process; its output, or an AssertionError."""
+    result = CliRunner().invoke(coordinator, list(args))
+    assert result.exit_code == 0, f"fedseg coordinator {' '.join(args)} failed:\n{result.output}"
+    return result.output
+
+
+def flwr_config(address: str, *, root_certificates: Path | None) -> str:
+    """A ``$FLWR_HOME/config.toml`` with one default connection, as the README writes it."""
+    tls = (f'root-certificates = "{root_certificates}"\n' if root_certificates is not None
+           else "insecure = true\n")
+    return (f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{address}"\n{tls}')
 
 
 def _base_env(**extra: str) -> dict[str, str]:
@@ -222,25 +239,48 @@ class BackgroundRun:
         return self._result
 
 
+@dataclass(frozen=True)
+class Gateway:
+    """The coordinator's gateway (nginx from ``fedseg coordinator gateway``) and the operator's
+    tunnel (``fedseg coordinator tunnel``) in front of a loopback-bound SuperLink."""
+
+    nginx: Process
+    tunnel: Process
+    site_port: int  # what hospitals dial: the Fleet API only
+    operator_port: int  # the operators' listener: Control API, operator certificate required
+    tunnel_port: int  # the operator's flwr connection
+    operator_ca: Path
+    operator_cert: Path
+    operator_key: Path
+
+
 @dataclass
 class Deployment:
-    """A SuperLink with TLS, ``--enable-supernode-auth`` and a ``--database``, plus SuperNodes."""
+    """A SuperLink with TLS, ``--enable-supernode-auth`` and a ``--database``, plus SuperNodes.
+
+    With ``gateway`` the deployment is the README's: the SuperLink listens on its own loopback
+    port (``superlink_port``), SuperNodes dial the gateway's sites' listener (``port``), and the
+    operator's ``flwr`` reaches the Control API through the tunnel with an operator certificate.
+    """
 
     root: Path
-    port: int
+    port: int  # the address SuperNodes dial
     ca_cert: Path
     keys_dir: Path
     server_home: Path
     operator_env: dict[str, str]
     superlink: Process
+    superlink_port: int
+    gateway: Gateway | None = None
     supernodes: dict[str, Process] = field(default_factory=dict)
     _all: list[Process] = field(default_factory=list)
 
     # ------------------------------------------------------------------ start and stop
 
     @classmethod
-    def start(cls, root: Path, *, consortium: str = "fedseg-test") -> Deployment:
-        """PKI with ``fedseg pki``, then the SuperLink; returns once it accepts connections."""
+    def start(cls, root: Path, *, consortium: str = "fedseg-test", gateway: bool = False) -> Deployment:
+        """PKI with ``fedseg pki``, then the SuperLink (and with GATEWAY its nginx gateway and the
+        operator's tunnel); returns once it accepts connections."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         pki_dir, tls_dir, keys_dir = root / "pki" / "ca", root / "pki" / "superlink", root / "pki" / "sites"
@@ -264,33 +304,52 @@ class Deployment:
         )
         operator_home = root / "flwr-operator"
         operator_home.mkdir()
-        # The operator's connection, exactly as the README tells operators to write it.
-        (operator_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
-            f'root-certificates = "{pki_dir / "ca.crt"}"\n'
-        )
         dep = cls(root, port, pki_dir / "ca.crt", keys_dir, server_home,
-                  _base_env(FLWR_HOME=str(operator_home)), superlink, _all=[superlink])
+                  _base_env(FLWR_HOME=str(operator_home)), superlink, port, _all=[superlink])
         try:
-            dep._wait_listening()
+            _wait_listening(superlink, port)
+            if gateway:
+                dep.gateway = dep._start_gateway(tls_dir, consortium)
+                dep.port = dep.gateway.site_port
+            # The operator's connection, exactly as the README tells operators to write it.
+            (operator_home / "config.toml").write_text(
+                flwr_config(f"127.0.0.1:{dep.gateway.tunnel_port}", root_certificates=None) if dep.gateway
+                else flwr_config(f"127.0.0.1:{port}", root_certificates=pki_dir / "ca.crt"))
         except BaseException:
             dep.stop()
             raise
         return dep
 
-    def _wait_listening(self) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not self.superlink.alive:
-                raise RuntimeError(f"flower-superlink exited {self.superlink.popen.returncode}:\n"
-                                   f"{self.superlink.log()[-3000:]}")
-            with socket.socket() as sock:
-                sock.settimeout(1.0)
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"flower-superlink is not listening on {self.port}:\n{self.superlink.log()[-3000:]}")
+    def _start_gateway(self, tls_dir: Path, consortium: str) -> Gateway:
+        """``fedseg coordinator gateway`` -> nginx, then ``fedseg coordinator tunnel`` (a process)."""
+        operator_ca, operators = self.root / "pki" / "operator-ca", self.root / "pki" / "operators"
+        pki_cli("init-ca", "--out", str(operator_ca), "--consortium", f"{consortium}-operators")
+        pki_cli("operator-cert", "--ca", str(operator_ca), "--name", "operator", "--out", str(operators))
+        site_port, operator_port, tunnel_port = free_port(), free_port(), free_port()
+        run_dir = self.root / "gateway"
+        run_dir.mkdir()
+        coordinator_cli(
+            "gateway", "--site-listen", f"127.0.0.1:{site_port}", "--operator-listen", f"127.0.0.1:{operator_port}",
+            "--superlink", f"127.0.0.1:{self.superlink_port}", "--cert", str(tls_dir / "superlink.crt"),
+            "--key", str(tls_dir / "superlink.key"), "--ca", str(tls_dir / "ca.crt"),
+            "--operator-ca", str(operator_ca / "ca.crt"), "--runtime-dir", str(run_dir),
+            "--access-log", str(run_dir / "access.log"), "--out", str(run_dir / "nginx.conf"))
+        nginx = _spawn("gateway", [nginx_binary(), "-c", str(run_dir / "nginx.conf"), "-e", "stderr"],
+                       _base_env(), run_dir)
+        self._all.append(nginx)
+        _wait_listening(nginx, site_port)
+        tunnel = _spawn(
+            "operator-tunnel",
+            [sys.executable, "-m", "fedseg", "coordinator", "tunnel", "--gateway", f"127.0.0.1:{operator_port}",
+             "--ca", str(tls_dir / "ca.crt"), "--cert", str(operators / "operator.crt"),
+             "--key", str(operators / "operator.key"), "--listen", f"127.0.0.1:{tunnel_port}"],
+            _base_env(PYTHONPATH=str(ROOT)), self.root / "operator",
+        )
+        self._all.append(tunnel)
+        if not tunnel.wait_for("fedseg tunnel: listening on"):
+            raise RuntimeError(f"the operator tunnel exited:\n{tunnel.log()[-3000:]}")
+        return Gateway(nginx, tunnel, site_port, operator_port, tunnel_port, operator_ca / "ca.crt",
+                       operators / "operator.crt", operators / "operator.key")
 
     def stop(self) -> None:
         for process in reversed(self._all):
@@ -416,6 +475,24 @@ class Deployment:
     def logs(self) -> str:
         """Every process's log, for failure messages."""
         return "\n".join(f"===== {p.name}\n{p.log()[-4000:]}" for p in self._all)
+
+
+def nginx_binary() -> str:
+    """Debian's nginx (``.ci/run`` installs it)."""
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def _wait_listening(process: Process, port: int) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not process.alive:
+            raise RuntimeError(f"{process.name} exited {process.popen.returncode}:\n{process.log()[-3000:]}")
+        with socket.socket() as sock:
+            sock.settimeout(1.0)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{process.name} is not listening on {port}:\n{process.log()[-3000:]}")
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], cwd: Path) -> Process:
