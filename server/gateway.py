@@ -250,6 +250,7 @@ def render_nginx_conf(spec: GatewaySpec) -> str:
         "proxy_ssl_server_name on;",
         "proxy_ssl_session_reuse on;",
         "proxy_buffering off;  # `flwr log` streams",
+        "proxy_request_buffering off;  # bodies stream to the SuperLink, never to disk",
         "proxy_read_timeout 3600s;",
         "proxy_send_timeout 3600s;",
         "",
