@@ -3,7 +3,8 @@
 #
 # In flwr 1.41 the SuperLink started with `--isolation process` does not run the ServerApp
 # itself: a separate `flower-superexec` connects to the SuperLink's Runtime API (same port as
-# the Fleet and Control APIs, 8000), takes each run's ServerApp task and starts
+# the Fleet and Control APIs; the SuperLink's loopback address 127.0.0.1:9091, so this container
+# shares its network namespace), takes each run's ServerApp task and starts
 # `flwr-serverapp` (per-run token) for it, which runs fedseg's `server.app:app` and publishes
 # to MLflow (FEDSEG_MLFLOW_TRACKING_URI).
 #
@@ -33,4 +34,4 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/fedseg
 ENTRYPOINT ["flower-superexec"]
-CMD ["--runtime-api-address", "superlink:8000", "--root-certificates", "/certs/ca.crt"]
+CMD ["--runtime-api-address", "127.0.0.1:9091", "--root-certificates", "/certs/ca.crt"]

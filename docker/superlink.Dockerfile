@@ -1,5 +1,8 @@
 # syntax=docker/dockerfile:1
-# Coordinator: the Flower SuperLink (Fleet, Control and Runtime APIs over HTTPS on port 8000).
+# Coordinator: the Flower SuperLink (Fleet, Control and Runtime APIs over HTTPS on one port),
+# bound to loopback (127.0.0.1:9091): the gateway image (docker/gateway.Dockerfile), in the same
+# network namespace, is what hospitals (Fleet API only) and operators (Control API, client
+# certificate) reach; the serverapp image dials the Runtime API on loopback.
 #
 #   docker build -f docker/superlink.Dockerfile -t fedseg/superlink .
 #
@@ -28,6 +31,5 @@ ENV PATH=/opt/venv/bin:$PATH \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 USER 10001:10001
 WORKDIR /home/flwr
-EXPOSE 8000
 ENTRYPOINT ["flower-superlink"]
-CMD ["--ssl-ca-certfile", "/certs/ca.crt", "--ssl-certfile", "/certs/superlink.crt", "--ssl-keyfile", "/certs/superlink.key", "--database", "/var/lib/superlink/state.db", "--enable-supernode-auth", "--isolation", "process", "--disable-runtime-dependency-installation", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["--ssl-ca-certfile", "/certs/ca.crt", "--ssl-certfile", "/certs/superlink.crt", "--ssl-keyfile", "/certs/superlink.key", "--database", "/var/lib/superlink/state.db", "--enable-supernode-auth", "--isolation", "process", "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", "9091"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import ipaddress
 import os
 import re
 import shlex
@@ -33,9 +34,12 @@ GITLAB_CI = ROOT / ".gitlab-ci.yml"
 COMPOSE = DOCKER / "compose.yaml"
 GATES = ROOT / "ci" / "gates.toml"
 
-IMAGES = {"superlink", "supernode", "serverapp", "serve", "mlflow"}
-# The only executables an image may start (console scripts of this venv).
-KNOWN_COMMANDS = {"fedseg", "flower-superlink", "flower-supernode", "flower-superexec", "mlflow"}
+IMAGES = {"superlink", "gateway", "supernode", "serverapp", "serve", "mlflow"}
+# The only executables an image may start (console scripts of this venv, and Debian's nginx).
+KNOWN_COMMANDS = {"fedseg", "flower-superlink", "flower-supernode", "flower-superexec", "mlflow", "nginx"}
+# nginx's command-line flags that take a value / that take none (`nginx -h`)
+NGINX_FLAGS = {"-c": True, "-e": True, "-g": True, "-p": True, "-t": False, "-T": False, "-q": False}
+GATEWAY_CONF = "/etc/fedseg-gateway/nginx.conf"
 # Commands with sub-commands: how many leading words name the command.
 SUBCOMMAND_DEPTH = {"fedseg": 2, "mlflow": 1}
 # fedseg sub-commands that images may run: they must exist now.
@@ -198,6 +202,14 @@ def check_invocation(argv: list[str], where: str, *, image: bool) -> None:
     assert argv, f"{where}: empty command"
     exe = Path(argv[0]).name
     assert exe in KNOWN_COMMANDS, f"{where}: {argv[0]!r} is not one of {sorted(KNOWN_COMMANDS)}"
+    if exe == "nginx":  # a Debian package in its image, not a console script of this venv
+        rest = iter(argv[1:])
+        for token in rest:
+            assert token in NGINX_FLAGS, f"{where}: nginx has no flag {token!r} ({sorted(NGINX_FLAGS)})"
+            if NGINX_FLAGS[token]:
+                assert next(rest, None), f"{where}: nginx {token} needs a value"
+        assert flag_value(argv, "-c") == GATEWAY_CONF, f"{where}: nginx must run the generated {GATEWAY_CONF}"
+        return
     assert (BIN / exe).exists(), f"{where}: {exe} is not installed in {BIN}"
     words = [exe]
     rest = list(argv[1:])
@@ -313,7 +325,7 @@ def makefile_torch_spec() -> str:
     return m.group(1)
 
 
-def test_the_five_images_have_dockerfiles() -> None:
+def test_the_six_images_have_dockerfiles() -> None:
     assert {p.name.removesuffix(".Dockerfile") for p in dockerfiles()} == IMAGES
 
 
@@ -513,7 +525,7 @@ def test_compose_validates_against_the_compose_spec() -> None:
 def test_compose_services_run_real_commands() -> None:
     services = compose_services()
     supernodes = [n for n in services if n.startswith("supernode")]
-    assert {"mlflow", "superlink", "serverapp", "serve"} <= set(services) and len(supernodes) >= 2
+    assert {"mlflow", "superlink", "gateway", "serverapp", "serve"} <= set(services) and len(supernodes) >= 2
     for name, service in services.items():
         argv = compose_argv(name, service)
         check_invocation(argv, f"compose {name}", image=True)
@@ -534,12 +546,14 @@ def test_compose_wires_tls_auth_and_per_site_data() -> None:
     database = flag_value(link, "--database")
     assert database and mounted(services["superlink"], database), "SuperLink state must be on a volume"
     port = flag_value(link, "--port")
+    site_port = gateway_listeners(compose_gateway_conf())["sites"].port
 
     keys, data, sites = set(), set(), set()
     for name in (n for n in services if n.startswith("supernode")):
         service = services[name]
         argv = compose_argv(name, service)
-        assert flag_value(argv, "--superlink") == f"superlink:{port}"
+        # hospitals dial the gateway's sites' listener (it lives in the superlink service's network)
+        assert flag_value(argv, "--superlink") == f"superlink:{site_port}"
         assert flag_value(argv, "--root-certificates")
         keys.add(flag_value(argv, "--auth-supernode-private-key"))
         node_config = dict(
@@ -558,7 +572,8 @@ def test_compose_wires_tls_auth_and_per_site_data() -> None:
     assert len(data) == n and len(sites) == n, "each SuperNode needs its own data and site name"
 
     serverapp = compose_argv("serverapp", services["serverapp"])
-    assert flag_value(serverapp, "--runtime-api-address") == f"superlink:{port}"
+    assert flag_value(serverapp, "--runtime-api-address") == f"127.0.0.1:{port}"
+    assert services["serverapp"].get("network_mode") == "service:superlink"
     for secret in top_secrets.values():
         assert "file" in secret or "environment" in secret, "compose secrets must not be inline"
 
@@ -986,14 +1001,148 @@ def test_k8s_superlink_state_tls_and_service() -> None:
             secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
             for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
                 assert volume_of(flag_value(argv, flag)) in secrets, f"{name}: {flag} not from a Secret"
-            port = int(flag_value(argv, "--port") or 8000)
-            labels = spec["template"]["metadata"]["labels"]
-            services = [d for d in docs if d["kind"] == "Service" and d["spec"]["selector"].items() <= labels.items()]
-            assert services, f"no Service selects {name}"
-            for svc in services:
-                for p in svc["spec"]["ports"]:
-                    assert resolve_port(container, p.get("targetPort", p["port"])) == port
-            for probe in ("livenessProbe", "readinessProbe"):
-                get = container[probe]["httpGet"]
-                assert get.get("scheme") == "HTTPS" and resolve_port(container, get["port"]) == port
+            # on the pod's loopback: no port of its own, probed from inside its container
+            assert ipaddress.ip_address(flag_value(argv, "--host") or "0.0.0.0").is_loopback, name
+            assert not container.get("ports"), f"{name}: the SuperLink container must expose no port"
+            probe = container["livenessProbe"]["exec"]["command"]
+            assert f"('127.0.0.1', {flag_value(argv, '--port')})" in " ".join(probe), probe
     assert found, "no workload runs flower-superlink"
+
+
+# ----------------------------------------------------------------------------- the gateway
+#
+# Operators, not sites, run the federation: in flwr 1.41 the SuperLink's one port serves the
+# Fleet, Control and Runtime APIs, so every deployment binds it to loopback and puts the gateway
+# (nginx, configured by `fedseg coordinator gateway`) on the addresses others reach.
+
+GATEWAY_COMPOSE_CONF = DOCKER / "gateway" / "nginx.conf"
+
+
+def compose_gateway_conf() -> str:
+    return GATEWAY_COMPOSE_CONF.read_text()
+
+
+def k8s_gateway_conf() -> str:
+    (cm,) = [d for d in k8s_documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "fedseg-gateway"]
+    return cm["data"]["nginx.conf"]
+
+
+def nginx_servers(text: str) -> list[str]:
+    """The ``server { ... }`` blocks of a generated configuration."""
+    return [block for block in text.split("\n    server {")[1:]]
+
+
+def gateway_listeners(text: str):  # noqa: ANN201
+    """The sites' and operators' listeners and the SuperLink upstream of a generated config."""
+    from server.gateway import parse_listener
+
+    listeners = {}
+    for block in nginx_servers(text):
+        (listen,) = re.findall(r"^\s+listen (\S+) ssl;$", block, re.M)
+        role = "operators" if "ssl_verify_client on;" in block else "sites"
+        listeners[role] = parse_listener(listen, "listen")
+    (upstream,) = re.findall(r"upstream superlink \{\s+server (\S+);", text)
+    listeners["superlink"] = parse_listener(upstream, "upstream")
+    assert set(listeners) == {"sites", "operators", "superlink"}, listeners
+    return listeners
+
+
+def regenerated(text: str) -> str:
+    """What `fedseg coordinator gateway` writes for the command in TEXT's header."""
+    from click.testing import CliRunner
+
+    from server.cli import coordinator
+
+    match = re.search(r"^# regenerate with:\n#   (fedseg coordinator gateway .+)$", text, re.M)
+    assert match, "the gateway configuration does not say which command generated it"
+    argv = shlex.split(match.group(1))[3:]
+    result = CliRunner().invoke(coordinator, ["gateway", *argv])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def check_gateway_conf(text: str, where: str) -> None:
+    """Sites' server: the Fleet API only; operators' server: the Control API with client
+    certificates; the SuperLink on loopback; the Runtime API forwarded by neither."""
+    from server.gateway import CONTROL_PATH, FLEET_PATH
+
+    assert text == regenerated(text), f"{where} is not what `fedseg coordinator gateway` writes: regenerate it"
+    listeners = gateway_listeners(text)
+    assert listeners["superlink"].ip.is_loopback, where
+    servers = {("operators" if "ssl_verify_client on;" in b else "sites"): b for b in nginx_servers(text)}
+    locations = {role: re.findall(r"^\s+location (.+?) \{$", block, re.M) for role, block in servers.items()}
+    assert locations["sites"] == [f'~ "{FLEET_PATH}"', "= /health", "/"], (where, locations["sites"])
+    assert locations["operators"] == [f'~ "{CONTROL_PATH}"', "= /health", "@no_operator_certificate", "/"], where
+    assert "/v1/control" not in servers["sites"] and "/v1/runtime" not in text, where
+    assert re.search(r'^\s+ssl_client_certificate "\S+";$', servers["operators"], re.M), where
+
+
+def test_the_gateway_configurations_are_generated_and_keep_control_off_the_sites_address() -> None:
+    check_gateway_conf(compose_gateway_conf(), "docker/gateway/nginx.conf")
+    check_gateway_conf(k8s_gateway_conf(), "deploy/k8s ConfigMap fedseg-gateway")
+
+
+def test_compose_exposes_the_gateway_never_the_superlink() -> None:
+    services = compose_services()
+    link = compose_argv("superlink", services["superlink"])
+    assert ipaddress.ip_address(flag_value(link, "--host") or "0.0.0.0").is_loopback, "SuperLink --host"
+    listeners = gateway_listeners(compose_gateway_conf())
+    assert str(listeners["superlink"]) == f"{flag_value(link, '--host')}:{flag_value(link, '--port')}"
+    gateway = services["gateway"]
+    assert gateway.get("network_mode") == "service:superlink" and "ports" not in gateway
+    assert compose_argv("gateway", gateway)[:3] == ["nginx", "-c", GATEWAY_CONF]
+    mounts = {dst: src for src, dst in map(volume_parts, gateway["volumes"])}
+    assert (COMPOSE.parent / mounts[GATEWAY_CONF]).resolve() == GATEWAY_COMPOSE_CONF.resolve()
+    for path in re.findall(r'"(/(?:certs|run/secrets)/[^"]+)"', compose_gateway_conf()):
+        assert mounted(gateway, path), f"compose gateway: {path} is not mounted"
+    # the namespace publishes the gateway's two listeners, never the SuperLink's port
+    published = {str(p).rsplit(":", 1)[-1] for p in services["superlink"].get("ports", [])}
+    assert published == {str(listeners["sites"].port), str(listeners["operators"].port)}, published
+    # the operators' address is published on loopback unless the operator chooses a management IP
+    operator_publish = next(str(p) for p in services["superlink"]["ports"]
+                            if str(p).endswith(f":{listeners['operators'].port}"))
+    assert substitute(operator_publish).startswith("127.0.0.1:"), operator_publish
+
+
+def test_k8s_services_reach_the_gateway_never_the_superlink() -> None:
+    (workload,) = [w for w in workloads()
+                   if any(container_argv(c)[0] == "flower-superlink" for c in w["spec"]["template"]["spec"]["containers"])]
+    pod = workload["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    link = container_argv(containers["superlink"])
+    gateway = containers["gateway"]
+    assert container_argv(gateway)[:3] == ["nginx", "-c", GATEWAY_CONF]
+    (mount,) = [m for m in gateway["volumeMounts"] if m["mountPath"] == str(Path(GATEWAY_CONF).parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == "fedseg-gateway"
+    listeners = gateway_listeners(k8s_gateway_conf())
+    assert str(listeners["superlink"]) == f"{flag_value(link, '--host')}:{flag_value(link, '--port')}"
+    assert {resolve_port(gateway, "fleet"), resolve_port(gateway, "operator")} == {
+        listeners["sites"].port, listeners["operators"].port}
+    # the ServerApp process runs in the same pod and dials the SuperLink's loopback address
+    (serverapp,) = [c for c in containers.values() if container_argv(c)[0] == "flower-superexec"]
+    assert flag_value(container_argv(serverapp), "--runtime-api-address") == str(listeners["superlink"])
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    services = {d["metadata"]["name"]: d for d in k8s_documents() if d["kind"] == "Service"
+                and d["spec"]["selector"].items() <= labels.items()}
+    assert services, "no Service selects the coordinator pod"
+    for name, svc in services.items():
+        for port in svc["spec"]["ports"]:
+            target = resolve_port(gateway, port.get("targetPort", port["port"]))
+            assert target in (listeners["sites"].port, listeners["operators"].port), name
+    public = [s for s in services.values() if s["spec"].get("type") == "LoadBalancer"]
+    assert public and all(resolve_port(gateway, p["targetPort"]) == listeners["sites"].port
+                          for s in public for p in s["spec"]["ports"]), "only the sites' listener may be public"
+    ready = gateway["readinessProbe"]["httpGet"]
+    assert ready["path"] == "/health" and ready["scheme"] == "HTTPS"
+
+
+def test_images_bind_the_superlink_to_loopback() -> None:
+    link = sum(image_command(DOCKER / "superlink.Dockerfile"), [])
+    assert ipaddress.ip_address(flag_value(link, "--host") or "0.0.0.0").is_loopback
+    superexec = sum(image_command(DOCKER / "serverapp.Dockerfile"), [])
+    assert flag_value(superexec, "--runtime-api-address") == f"127.0.0.1:{flag_value(link, '--port')}"
+    exposed = [ins for ins in final_stage(parse_dockerfile(DOCKER / "superlink.Dockerfile"))
+               if ins["instruction"] == "EXPOSE"]
+    assert not exposed, "the SuperLink image must expose no port: the gateway image does"
+    assert sum(image_command(DOCKER / "gateway.Dockerfile"), [])[:3] == ["nginx", "-c", GATEWAY_CONF]
