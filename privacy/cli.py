@@ -51,11 +51,11 @@ def init_ca(out_dir: Path, consortium: str, days: int, force: bool) -> None:
     click.echo(f"CA certificate  {ca.cert_path.resolve()}  (sha256 {ca.fingerprint})")
     click.echo(f"CA private key  {ca.key_path.resolve()}  (0600: keep it offline once certificates are issued)")
     click.echo("")
-    click.echo("Next: the SuperLink's TLS certificate, naming every host and IP the sites dial:")
+    click.echo("Next: the SuperLink's TLS certificate, naming every host and IP the sites dial, and localhost:")
     click.echo(f"  fedseg pki superlink-cert --ca {shlex.quote(str(out_dir))} --host superlink.example.org "
-               "--ip 127.0.0.1 --out superlink-tls")
+               "--host localhost --ip 127.0.0.1 --out superlink-tls")
     click.echo(f"Give {ca.cert_path.name} to every hospital (flower-supernode --root-certificates) and to "
-               "the operator's flwr connection (root-certificates).")
+               "each operator's tunnel (fedseg coordinator tunnel --ca).")
 
 
 @pki.command("superlink-cert")
@@ -80,12 +80,15 @@ def superlink_cert(ca_dir: Path, hosts: tuple[str, ...], ips: tuple[str, ...], o
     click.echo(f"private key  {key}  (0600)")
     click.echo(f"CA           {ca}")
     click.echo("")
-    click.echo("Start the SuperLink with TLS, SuperNode authentication and durable state:")
+    click.echo("Start the SuperLink with TLS, SuperNode authentication and durable state, on loopback only")
+    click.echo("(its port serves the Control API too), and the gateway in front of it:")
     click.echo(f"  FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flower-superlink \\\n"
                f"      --ssl-ca-certfile {shlex.quote(str(ca))} --ssl-certfile {shlex.quote(str(cert))} "
                f"--ssl-keyfile {shlex.quote(str(key))} \\\n"
                "      --enable-supernode-auth --database /var/lib/fedseg/superlink.db \\\n"
-               "      --disable-runtime-dependency-installation --host 0.0.0.0 --port 8000")
+               "      --disable-runtime-dependency-installation --host 127.0.0.1 --port 9091")
+    click.echo(f"  fedseg coordinator gateway --cert {shlex.quote(str(cert))} --key {shlex.quote(str(key))} "
+               f"--ca {shlex.quote(str(ca))} --operator-ca OPERATOR_CA/ca.crt --out gateway.conf")
 
 
 @pki.command("operator-cert")
@@ -141,12 +144,15 @@ def registration_steps(public_keys: list[Path], connection: str, address: str | 
     Every ``flwr supernode register ...`` line is a complete command (the names come from the
     keys' comments, as ``fedseg pki site-key`` writes them).
     """
+    # Without an explicit address: the operator's tunnel to the gateway (plain HTTP on loopback).
+    tls = (f"#      root-certificates = \"{root_certificates.resolve()}\"" if root_certificates
+           else "#      insecure = true   # loopback to `fedseg coordinator tunnel`, which uses TLS")
     lines = [
-        "# 1. A connection to the SuperLink's Control API in $FLWR_HOME/config.toml "
-        "(default ~/.flwr/config.toml):",
+        "# 1. A connection to the Control API (the gateway's operators' address, through your tunnel)",
+        "#    in $FLWR_HOME/config.toml (default ~/.flwr/config.toml):",
         f"#      [superlink.{connection}]",
-        f"#      address = \"{address or 'superlink.example.org:8000'}\"",
-        f"#      root-certificates = \"{root_certificates.resolve() if root_certificates else '/path/to/ca.crt'}\"",
+        f"#      address = \"{address or '127.0.0.1:9093'}\"",
+        tls,
         "# 2. Register each site's public key (check each fingerprint with its hospital first):",
     ]
     for path in public_keys:
@@ -166,9 +172,10 @@ def registration_steps(public_keys: list[Path], connection: str, address: str | 
 @click.argument("public_keys", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--connection", default="fedseg", show_default=True,
               help="Name of the SuperLink connection in $FLWR_HOME/config.toml.")
-@click.option("--address", default=None, help="The SuperLink's host:port, for the connection snippet.")
+@click.option("--address", default=None,
+              help="The Control API's host:port, for the connection snippet (default: the tunnel's).")
 @click.option("--root-certificates", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The consortium's ca.crt, for the connection snippet.")
+              help="The consortium's ca.crt, for the connection snippet (default: insecure, the tunnel's loopback).")
 def register_steps(public_keys: tuple[Path, ...], connection: str, address: str | None,
                    root_certificates: Path | None) -> None:
     """Print how the operator registers the sites' public keys with the SuperLink.
