@@ -162,6 +162,8 @@ def test_operators_reach_the_control_api_with_their_certificate_only(dep: Deploy
     assert started.returncode == 0 and match, started.stdout + started.stderr
     run_id = int(match.group(1))
     assert [int(run["run-id"]) for run in _operator_runs(dep)] == [run_id]
+    shown = dep.flwr("log", str(run_id), "fedseg", "--show")  # a streamed Control API response
+    assert shown.returncode == 0, shown.stdout + shown.stderr
     stopped = dep.flwr("stop", str(run_id), "fedseg")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert dep.run_status(run_id)["status"] == "finished:stopped"
