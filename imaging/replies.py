@@ -132,7 +132,7 @@ class TrainReply(_MetricReply):
     kind: ClassVar[str] = "train"
     train_loss: float | None = _bound()
     train_steps: int | None = _bound(whole=True)
-    epsilon: float | None = _bound()  # cumulative ε the site has spent for this consortium and model
+    epsilon: float | None = _bound()  # cumulative ε the site has spent in its budget scope (its data)
     dp_delta: float | None = _bound(high=1.0)
     dp_noise_multiplier: float | None = _bound()
 
