@@ -11,6 +11,7 @@ from .factory import (
     StrategySettings,
     build_strategy,
 )
+from .identity import SiteIdentities, trust_statement
 from .reporting import RoundReport, SiteReportingStrategy
 from .site_metrics import SiteMetrics, site_metrics, summarize_evaluation
 from .norm_layers import norm_parameter_names, split_norm
@@ -26,6 +27,8 @@ __all__ = [
     "STRATEGIES",
     "StrategySettings",
     "build_strategy",
+    "SiteIdentities",
+    "trust_statement",
     "RoundReport",
     "SiteReportingStrategy",
     "SiteMetrics",

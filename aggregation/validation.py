@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 
-import hashlib
 import math
 import statistics
 from collections import Counter, defaultdict
@@ -27,7 +26,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from imaging.replies import arrays_digest
+
 from .arrays import decode_array, declared_mismatch
+from .identity import SiteIdentities
 from .replies import Phase, ReplyError, claimed_site, read_reply
 from .site_metrics import update_norm
 
@@ -119,16 +121,6 @@ def _update_norm(reference: Decoded, update: Decoded) -> float:
     return math.sqrt(total)
 
 
-def arrays_digest(record: ArrayRecord) -> str:
-    """SHA-256 over every key, dtype, shape and serialized byte of ``record``."""
-    h = hashlib.sha256()
-    for key in sorted(record.keys()):
-        array = record[key]
-        h.update(f"{key}\0{array.dtype}\0{tuple(array.shape)}\0".encode())
-        h.update(array.data)
-    return h.hexdigest()
-
-
 def _names(keys: list[str], limit: int) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
@@ -182,7 +174,15 @@ class ValidatingStrategy(Strategy):
     on_reject : callable (server_round, site_or_node, reason)
         Called once for every refused train reply.
     on_reject_evaluate : callable (server_round, site_or_node, reason)
-        Called once for every refused evaluate reply (one that breaks the reply contract).
+        Called once for every refused evaluate reply (one that breaks the reply contract or
+        fails the identity checks).
+    identities : SiteIdentities or None
+        The enrolled sites (:mod:`aggregation.identity`): every reply, train and evaluate, must
+        be signed by the key its site enrolled with and claim no more samples than its signed
+        manifest declares. ``None``: names and counts are self-reported.
+    max_weight_share : float
+        A train reply whose sample count exceeds this share of the round's accepted total is
+        refused (``weight: ...``); 1.0 (the default) caps nothing.
 
     Notes
     -----
@@ -190,11 +190,12 @@ class ValidatingStrategy(Strategy):
     (:func:`aggregation.replies.read_reply`: one ArrayRecord, one MetricRecord whose keys and
     values :class:`imaging.replies.TrainReply` accepts, valid site facts), schema (each array's declared shape and dtype, and what its bytes
     actually hold, which is what the strategy aggregates; bytes that do not decode are
-    malformed), non-finite values, byte-identical arrays from several nodes, update norm. A node that replied twice, and every node of a group of byte-identical
+    malformed), non-finite values, the identity checks (signature, enrolment, manifest bound),
+    byte-identical arrays from several nodes, weight share, update norm. A node that replied twice, and every node of a group of byte-identical
     updates, are all refused: which copy is genuine cannot be told. Error replies are passed to
     ``inner`` untouched. When no reply survives, ``aggregate_train`` returns ``(None, None)``
     without calling ``inner``. Evaluate replies are held to their contract
-    (:class:`imaging.replies.EvaluateReply`) only.
+    (:class:`imaging.replies.EvaluateReply`) and the identity checks only.
     """
 
     def __init__(
@@ -205,6 +206,8 @@ class ValidatingStrategy(Strategy):
         on_reject: OnReject | None = None,
         *,
         on_reject_evaluate: OnReject | None = None,
+        identities: SiteIdentities | None = None,
+        max_weight_share: float = 1.0,
         all_or_nothing: bool = False,
     ) -> None:
         self.all_or_nothing = all_or_nothing  # client-level DP: any rejection voids the round
@@ -217,6 +220,10 @@ class ValidatingStrategy(Strategy):
         self.norm_factor = norm_factor
         self.on_reject: OnReject = on_reject or (lambda _r, _s, _m: None)
         self.on_reject_evaluate: OnReject = on_reject_evaluate or (lambda _r, _s, _m: None)
+        if not 0 < max_weight_share <= 1:
+            raise ValueError(f"max_weight_share must lie in (0, 1], got {max_weight_share}")
+        self.identities = identities
+        self.max_weight_share = max_weight_share
         self.evaluate_rejections: list[Rejection] = []  # the last evaluated round's
         self.rejections: list[Rejection] = []  # the last aggregated round's
         self._round: int | None = None
@@ -231,6 +238,7 @@ class ValidatingStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._learn_node_keys(grid)
         for message in messages:
             message.metadata.group_id = str(server_round)
         if self.expected is None:
@@ -242,14 +250,28 @@ class ValidatingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        self._learn_node_keys(grid)
+        return messages
+
+    def unverified(self, phase: str) -> list[int]:
+        """The nodes of the last ``phase`` round whose site name or sample count did not verify."""
+        rejections = self.rejections if phase == "train" else self.evaluate_rejections
+        return [r.node_id for r in rejections if r.kind in ("identity", "weight")]
+
+    def _learn_node_keys(self, grid: Grid) -> None:
+        """The public key the SuperLink authenticated each node with (none in simulation)."""
+        if self.identities is not None:
+            self.identities.node_keys = {n.node_id: bytes(n.public_key) for n in grid.get_nodes()
+                                         if n.public_key}
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         kept, rejected = [], []
         for reply in replies:
-            problem = None if reply.has_error() else _malformed(reply, "evaluate")
+            problem = None if reply.has_error() else (
+                _malformed(reply, "evaluate") or self._identity_problem(server_round, reply, "evaluate"))
             if problem is None:
                 kept.append(reply)
             else:
@@ -307,11 +329,13 @@ class ValidatingStrategy(Strategy):
         for i in content:
             if i in reasons:
                 continue
-            problem = self._content_problem(replies[i], self.expected, decoded, i)
+            problem = (self._content_problem(replies[i], self.expected, decoded, i)
+                       or self._identity_problem(server_round, replies[i], "train"))
             if problem:
                 reasons[i] = problem
 
         self._identical(replies, [i for i in content if i not in reasons], reasons)
+        self._heavy(replies, [i for i in content if i not in reasons], reasons)
         self._outliers(decoded, [i for i in content if i not in reasons], reasons)
 
         kept = [m for i, m in enumerate(replies) if i not in reasons]
@@ -359,6 +383,22 @@ class ValidatingStrategy(Strategy):
             total = sum(bad.values())
             return f"non-finite: {total} NaN/inf value(s) in {_names(list(bad), 3)}"
         return None
+
+    def _identity_problem(self, server_round: int, reply: Message, phase: Phase) -> str | None:
+        if self.identities is None:
+            return None
+        return self.identities.problem(reply, read_reply(reply, phase), server_round, phase)
+
+    def _heavy(self, replies: list[Message], candidates: list[int], reasons: dict[int, str]) -> None:
+        """Refuse replies whose sample count is above ``max_weight_share`` of the round's total."""
+        if self.max_weight_share >= 1 or not candidates:
+            return
+        weights = {i: read_reply(replies[i], "train").metrics.num_examples for i in candidates}
+        total = sum(weights.values())
+        for i, weight in weights.items():
+            if weight > self.max_weight_share * total:
+                reasons[i] = (f"weight: {weight} samples are {weight / total:.1%} of the round's "
+                              f"{total}, above max-weight-share {self.max_weight_share:g}")
 
     def _identical(self, replies: list[Message], candidates: list[int], reasons: dict[int, str]) -> None:
         groups: dict[str, list[int]] = defaultdict(list)

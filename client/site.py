@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ class Site:
         Where the DICOM comes from; None: the folder ``data_dir``, no selection rules.
     config_file : Path or None
         The ``site.toml`` this site was loaded from, if any.
+    node_key : Path or None
+        The node's EC private key (the one ``--auth-supernode-private-key`` loads), which signs
+        every reply for the coordinator to check against the site's enrolment. A simulated site
+        uses the key the simulation generated for it (:class:`PartitionSites`).
     """
 
     data_dir: Path
@@ -48,6 +52,7 @@ class Site:
     source: SiteSource | None = None
     audit_file: Path | None = None
     config_file: Path | None = None
+    node_key: Path | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -120,7 +125,9 @@ def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
     if given == ["site-config"]:
         from .site_config import load_site_config
 
-        return load_site_config(Path(str(node_config["site-config"])).expanduser())
+        site = load_site_config(Path(str(node_config["site-config"])).expanduser())
+        return replace(site, node_key=node_key) if node_key else site
+    node_key = _optional_path(node_config, "node-key")
     if given == ["pacs-url"]:
         name = str(node_config.get("site-name", "")).strip()
         if not name:
@@ -129,7 +136,7 @@ def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
                                 cache_root=fedseg_home() / "cache" / "dicomweb" / name)
         return Site(data_dir=source.folder, name=name, cache_dir=_cache_dir(node_config),
                     policy_file=_optional_path(node_config, "policy-file"),
-                    ledger_file=_optional_path(node_config, "ledger-file"), source=source)
+                    ledger_file=_optional_path(node_config, "ledger-file"), source=source, node_key=node_key)
     if not given:
         raise SiteConfigError(
             "node config lacks 'data-dir' or 'site-config': start the SuperNode with "
@@ -142,7 +149,7 @@ def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
     name = str(node_config.get("site-name") or data_dir.name)
     return Site(data_dir=data_dir, name=name, cache_dir=_cache_dir(node_config),
                 policy_file=_optional_path(node_config, "policy-file"),
-                ledger_file=_optional_path(node_config, "ledger-file"))
+                ledger_file=_optional_path(node_config, "ledger-file"), node_key=node_key)
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,7 @@ class PartitionSites:
     """Simulation: virtual node ``partition-id`` k reads only the k-th site folder."""
 
     site_dirs: Sequence[Path]
+    node_keys: Sequence[Path] = ()  # the k-th site's node key (simulation.enrolment), if any
 
     def __call__(self, node_config: Mapping[str, Any]) -> Site:
         if any(k in node_config for k in ("data-dir", "site-config", "pacs-url")):
@@ -162,4 +170,5 @@ class PartitionSites:
                 f"no site folder for virtual node {dict(node_config)!r} "
                 f"({len(self.site_dirs)} sites)"
             ) from exc
-        return Site(data_dir=data_dir, name=data_dir.name, cache_dir=_cache_dir(node_config))
+        key = self.node_keys[index] if index < len(self.node_keys) else None
+        return Site(data_dir=data_dir, name=data_dir.name, cache_dir=_cache_dir(node_config), node_key=key)

@@ -7,6 +7,7 @@
     # audit_log = "/var/log/fedseg/audit.jsonl"     (default $FEDSEG_HOME/audit/<name>.jsonl)
     # policy_file = "policy.toml"                   (default: policy.toml beside site.toml)
     # ledger_file, cache_dir ("none" disables the preprocessed cache)
+    # node_key = "/etc/fedseg/keys/hospital-a.key"  the SuperNode's key: signs every reply
 
     [source]
     kind = "folder"                      # or "dicomweb"
@@ -37,16 +38,17 @@ from imaging.home import fedseg_home
 from imaging.selection import SeriesSelection
 
 from .errors import SiteConfigError
+from imaging.replies import SITE_NAME_PATTERN
+
 from .site import Site
 from .sources import DicomWebSource, FolderSource, SiteSource
 from .sources.dicomweb import ENV_PASSWORD, ENV_TOKEN, ENV_USERNAME
 
 __all__ = ["load_site_config", "parse_site_config", "SITE_NAME_PATTERN"]
 
-SITE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SECRET_KEY = re.compile(r"pass(word|wd)?|token|secret|credential|api_?key|auth|user(name)?", re.I)
 _KEYS = {
-    "site": {"name", "audit_log", "policy_file", "ledger_file", "cache_dir"},
+    "site": {"name", "audit_log", "policy_file", "ledger_file", "cache_dir", "node_key"},
     "source": {"kind", "path", "url", "cache_dir", "ca_file", "timeout_s"},
     "selection": {"modality", "series_description", "min_slices"},
 }
@@ -213,4 +215,5 @@ def parse_site_config(
         source=source,
         audit_file=_path(site, "site", "audit_log", base_dir),
         config_file=config_file,
+        node_key=_path(site, "site", "node_key", base_dir),
     )

@@ -14,12 +14,13 @@ any of them at the site.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from .errors import ReplyError
 from .metrics import DiceCounts
@@ -31,8 +32,10 @@ __all__ = [
     "NUM_EXAMPLES",
     "SITE_NAME_PATTERN",
     "EvaluateReply",
+    "ReplyStatement",
     "SiteFacts",
     "TrainReply",
+    "arrays_digest",
     "check_site_name",
     "record_key",
 ]
@@ -43,7 +46,7 @@ METRICS_RECORD = "metrics"
 SITE_RECORD = "site"
 
 #: A site name: it becomes part of MLflow metric keys (``site/<name>/train/...``) and lineage.
-SITE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+SITE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -60,7 +63,7 @@ def check_site_name(name: object) -> str:
     """``name`` if it is a valid site name, else a :class:`ReplyError` saying what is allowed."""
     if not isinstance(name, str) or not SITE_NAME_PATTERN.match(name):
         raise ReplyError(
-            f"site name {_shown(name)} is not valid: use 1-63 letters, digits, '.', '_' or '-', "
+            f"site name {_shown(name)} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
@@ -175,6 +178,7 @@ class SiteFacts:
     site_name: str
     manifest_sha256: str = ""  # SHA-256 over the site's hashed series list (imaging.site_stats)
     input_stats: Mapping[str, Any] = field(default_factory=dict)  # counts, percentiles, vendors
+    signature: str = ""  # base64 ECDSA over the ReplyStatement, by the site's node key
 
     def __post_init__(self) -> None:
         check_site_name(self.site_name)
@@ -184,11 +188,14 @@ class SiteFacts:
         return frozenset(record_key(f.name) for f in fields(cls))
 
     def to_record(self) -> dict[str, str]:
-        return {
+        record = {
             record_key("site_name"): self.site_name,
             record_key("manifest_sha256"): self.manifest_sha256,
             record_key("input_stats"): json.dumps(dict(self.input_stats), sort_keys=True),
         }
+        if self.signature:
+            record[record_key("signature")] = self.signature
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> SiteFacts:
@@ -206,4 +213,49 @@ class SiteFacts:
             stats = None
         if not isinstance(stats, dict):
             raise ReplyError("'input-stats' must be a JSON object")
-        return cls(site_name=name, manifest_sha256=manifest, input_stats=stats)
+        signature = record.get(record_key("signature"), "")
+        if not isinstance(signature, str) or len(signature) > 512:
+            raise ReplyError(f"'signature' must be a base64 string, got {_shown(signature)}")
+        return cls(site_name=name, manifest_sha256=manifest, input_stats=stats, signature=signature)
+
+
+class _Array(Protocol):
+    dtype: str
+    shape: Any
+    data: bytes
+
+
+def arrays_digest(record: Mapping[str, _Array]) -> str:
+    """SHA-256 over every key, dtype, shape and serialized byte of a reply's ArrayRecord."""
+    h = hashlib.sha256()
+    for key in sorted(record.keys()):
+        array = record[key]
+        h.update(f"{key}\0{array.dtype}\0{tuple(array.shape)}\0".encode())
+        h.update(array.data)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ReplyStatement:
+    """What a site signs with its node key in every reply, and the coordinator rebuilds to verify.
+
+    It binds the claimed site name to this run, round, node and instruction, and to the sample
+    count and the weights the reply carries: a reply cannot be re-sent under another name,
+    replayed in another round, or altered after signing.
+    """
+
+    site: str
+    run_id: int
+    server_round: int
+    phase: str  # "train" | "evaluate"
+    node_id: int
+    reply_to: str  # the instruction's message id
+    num_examples: int
+    arrays_sha256: str  # arrays_digest of the weights; "" for an evaluate reply
+    manifest_sha256: str
+
+    FORMAT: ClassVar[str] = "fedseg-reply/1"
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"format": self.FORMAT, **asdict(self)}, sort_keys=True,
+                          separators=(",", ":")).encode()

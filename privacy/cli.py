@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .cli_enrolment import enrol_site, list_sites, sign_site_manifest
 from .errors import PkiError
 from .pki import (
     CURVES,
@@ -28,8 +29,10 @@ def pki() -> None:
     """Keys and certificates for a real federation (TLS and SuperNode authentication).
 
     \b
-    Operator:  init-ca, superlink-cert, operator-cert, register-steps (then `flwr supernode register`)
-    Hospital:  site-key (keeps the .key, sends the .key.pub to the operator)
+    Operator:  init-ca, superlink-cert, operator-cert, register-steps (then `flwr supernode register`),
+               enrol (a site's signed manifest, checked against its registered key), sites
+    Hospital:  site-key (keeps the .key, sends the .key.pub to the operator),
+               sign-manifest (the manifest of `fedseg site check`, signed with the node key)
     """
 
 
@@ -188,3 +191,8 @@ def register_steps(public_keys: tuple[Path, ...], connection: str, address: str 
     except PkiError as exc:
         raise _fail(exc) from None
     click.echo("\n".join(lines))
+
+
+pki.add_command(sign_site_manifest)
+pki.add_command(enrol_site)
+pki.add_command(list_sites)

@@ -12,6 +12,7 @@ __all__ = [
     "LedgerError",
     "LedgerIntegrityError",
     "PkiError",
+    "EnrolmentError",
 ]
 
 
@@ -63,3 +64,8 @@ class LedgerIntegrityError(LedgerError):
 class PkiError(PrivacyError):
     """A key or certificate cannot be created, read or used (missing CA, wrong format, a file
     that would be overwritten without ``force``)."""
+
+
+class EnrolmentError(PkiError):
+    """A site's enrolment (signed manifest, node key) cannot be made, read or admitted: a bad or
+    edited signature, a key other than the registered one, a name or key enrolled twice."""

@@ -43,6 +43,7 @@ class FederationConfig:
     strategy: StrategySettings
     instructions: RoundInstructions
     round_retries: int = 1
+    max_weight_share: float = 1.0  # of a round's total samples, per site; 1.0 caps nothing
     resume_run: str = ""  # a journaled run to continue after its last completed round
     run_config: dict[str, Any] = field(default_factory=dict, compare=False)  # as given, journaled
 
@@ -100,6 +101,12 @@ class FederationConfig:
         retries = get("round-retries", int)
         if retries < 0:
             raise RunConfigError(f"round-retries must be >= 0, got {retries}")
+        share = get("max-weight-share", float)
+        if not (0 < share <= 1 and (share == 1 or share * strategy.min_sites > 1)):
+            raise RunConfigError(
+                f"max-weight-share must lie in (1/min-sites, 1] = ({1 / strategy.min_sites:.3g}, 1], got {share}: "
+                "below 1/min-sites even equal sites would all be refused"
+            )
         return cls(
             num_rounds=num_rounds,
             round_timeout=timeout,
@@ -109,6 +116,7 @@ class FederationConfig:
             strategy=strategy,
             instructions=instructions,
             round_retries=retries,
+            max_weight_share=share,
             resume_run=get("resume-run", str).strip(),
             run_config=dict(run_config),
         )
@@ -125,6 +133,7 @@ class FederationConfig:
             "strategy": self.strategy.name,
             **{f"strategy.{k}": v for k, v in self.strategy.params().items()},
             "update-norm-factor": self.update_norm_factor,
+            "max-weight-share": self.max_weight_share,
             "fraction-train": self.strategy.fraction_train,
             "min-sites": self.strategy.min_sites,
             "local-epochs": i.local_epochs,

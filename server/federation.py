@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -15,6 +16,7 @@ from aggregation import (
     QuorumStrategy,
     ResumingStrategy,
     RoundRetryStrategy,
+    SiteIdentities,
     SiteMetrics,
     SiteReportingStrategy,
     ValidatingStrategy,
@@ -22,8 +24,11 @@ from aggregation import (
     restore_strategy_state,
     strategy_state,
     summarize_evaluation,
+    trust_statement,
 )
 from imaging.model import build_unet
+from privacy.enrolment import EnrolledSites, default_enrolment_dir
+from privacy.errors import EnrolmentError
 from registry import PublishedVersion, RegistryStore, TrackingRun, default_gates, publish_model
 
 from .config import FederationConfig
@@ -34,6 +39,9 @@ from .lineage import code_version, compact_json
 __all__ = ["FederationOutcome", "run_federation"]
 
 log = logging.getLogger("fedseg.server")
+
+#: Coordinator setting: refuse to run without enrolled sites instead of trusting self-reported names.
+REQUIRE_ENROLMENT_ENV = "FEDSEG_REQUIRE_ENROLMENT"
 
 Progress = Callable[[str], None]
 
@@ -125,6 +133,20 @@ def _dp_lineage(config: FederationConfig, deltas: dict[str, float]) -> dict[str,
     return dp
 
 
+def _enrolled_sites() -> EnrolledSites:
+    """The enrolled sites (:mod:`privacy.enrolment`); a file that does not verify stops the run,
+    and so does an empty enrolment when ``FEDSEG_REQUIRE_ENROLMENT=1`` (fail closed)."""
+    where = default_enrolment_dir()
+    try:
+        enrolled = EnrolledSites.load(where)
+    except EnrolmentError as exc:
+        raise FederationError(f"refusing to start: {exc}") from exc
+    if not enrolled and os.environ.get(REQUIRE_ENROLMENT_ENV, "").strip().lower() in ("1", "true", "yes"):
+        raise FederationError(f"refusing to start: {REQUIRE_ENROLMENT_ENV} is set but no site is enrolled "
+                              f"in {where} (`fedseg pki enrol`)")
+    return enrolled
+
+
 def _dice(site: SiteMetrics, missing: float) -> float:
     dice = site.evaluation().dice
     return missing if dice is None else dice
@@ -186,6 +208,8 @@ def run_federation(
     """
     spec = config.instructions.spec
     default_gates()  # a malformed $FEDSEG_GATES_FILE stops the run before any round, not after
+    enrolled = _enrolled_sites()  # so does an enrolment file that does not verify
+    progress(f"site identities: {trust_statement(enrolled)}")
     torch.manual_seed(config.instructions.seed)
     initial = ArrayRecord(build_unet(spec).state_dict())
     dtypes = {k: v.dtype for k, v in initial.to_torch_state_dict().items()}
@@ -211,8 +235,10 @@ def run_federation(
     validated = ValidatingStrategy(quorum, expected=initial,
                                    norm_factor=config.update_norm_factor, on_reject=on_reject,
                                    on_reject_evaluate=on_reject_evaluate,
+                                   identities=SiteIdentities(enrolled) if enrolled else None,
+                                   max_weight_share=config.max_weight_share,
                                    all_or_nothing=config.strategy.client_dp)
-    reporting = SiteReportingStrategy(validated, _reporter(run, state, progress))
+    reporting = SiteReportingStrategy(validated, _reporter(run, state, progress), validated.unverified)
     retrying = RoundRetryStrategy(reporting, config.strategy.min_sites, config.round_retries,
                                   config.round_timeout)
 
@@ -272,6 +298,7 @@ def run_federation(
             "eval_sites": compact_json({s.site: round(_dice(s, 0.0), 6) for s in state.last_sites}),
             "dp": compact_json(_dp_lineage(config, state.delta)),
             "secure_aggregation": "off",
+            "site_identity": "enrolled" if enrolled else "self-reported",
             "site_manifests": compact_json(state.manifests),
             "site_inputs": compact_json(state.inputs),
             "input_reference": compact_json(input_reference(state.inputs)),

@@ -22,6 +22,7 @@ from client.site import PartitionSites
 from server.app import app as server_app
 
 from .errors import AppConfigError, SitesDirError
+from .enrolment import simulated_enrolment
 from .misbehave import misbehave_mod, parse_misbehavior
 
 __all__ = ["discover_sites", "default_app_dir", "fused_run_config", "run_simulated_federation"]
@@ -95,16 +96,17 @@ def run_simulated_federation(
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's own future default
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=config)
-    # `_run_simulation` is what Flower's own simulation process calls; pinned flwr==1.41.0.
-    _run_simulation(
-        num_supernodes=len(sites),
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=create_client_app(PartitionSites(tuple(sites)), train_mods=mods),
-        server_app=server_app,
-        backend_config={
-            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
-            "init_args": {"include_dashboard": False},
-        },
-        server_app_context=context,
-        verbose_logging=verbose,
-    )
+    with simulated_enrolment(sites) as node_keys:
+        # `_run_simulation` is what Flower's own simulation process calls; pinned flwr==1.41.0.
+        _run_simulation(
+            num_supernodes=len(sites),
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=create_client_app(PartitionSites(tuple(sites), tuple(node_keys)), train_mods=mods),
+            server_app=server_app,
+            backend_config={
+                "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
+                "init_args": {"include_dashboard": False},
+            },
+            server_app_context=context,
+            verbose_logging=verbose,
+        )

@@ -7,7 +7,12 @@ Flower mod corrupts its training reply:
 - ``signflip[:F]``: the update is reversed and scaled, ``w = g - F (w_site - g)`` (F = 1);
 - ``scale:F``: the update is scaled, ``w = g + F (w_site - g)``;
 - ``dropout``: the site fails mid-round (an error reply, no update);
-- ``straggle[:S]``: the reply is held back S seconds (default 30) before it is sent.
+- ``straggle[:S]``: the reply is held back S seconds (default 30) before it is sent;
+- ``impersonate``: the reply claims the name of the next site (in name order);
+- ``inflate[:N]``: the reply claims N samples (default 10⁹), FedAvg's weight.
+
+The site still signs what it sends with its own node key (it holds it): the coordinator's
+identity checks, not the mod, decide whether the claim passes.
 """
 
 from __future__ import annotations
@@ -15,19 +20,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from imaging.replies import ARRAYS_RECORD, METRICS_RECORD, NUM_EXAMPLES, SITE_RECORD, SiteFacts
 
 from .errors import SimulationError
 
 __all__ = ["KINDS", "Misbehavior", "parse_misbehavior", "misbehave_mod"]
 
-KINDS = ("nan", "signflip", "scale", "dropout", "straggle")
-_DEFAULT_FACTOR = {"nan": 0.0, "signflip": 1.0, "scale": 1.0, "dropout": 0.0, "straggle": 30.0}
+KINDS = ("nan", "signflip", "scale", "dropout", "straggle", "impersonate", "inflate")
+_DEFAULT_FACTOR = {"nan": 0.0, "signflip": 1.0, "scale": 1.0, "dropout": 0.0, "straggle": 30.0,
+                   "impersonate": 0.0, "inflate": 1e9}
 
 
 class SimulatedDropout(RuntimeError):
@@ -57,7 +65,7 @@ def parse_misbehavior(specs: Sequence[str], known_sites: Sequence[str]) -> dict[
             factor = float(raw_factor) if raw_factor else _DEFAULT_FACTOR[kind]
         except ValueError as exc:
             raise SimulationError(f"--misbehave factor {raw_factor!r} is not a number") from exc
-        if not math.isfinite(factor) or (kind in ("scale", "signflip", "straggle") and factor <= 0):
+        if not math.isfinite(factor) or (kind in ("scale", "signflip", "straggle", "inflate") and factor <= 0):
             raise SimulationError(f"--misbehave {spec!r}: the factor must be a positive number")
         if site in plan:
             raise SimulationError(f"--misbehave names site {site!r} twice")
@@ -95,9 +103,18 @@ def misbehave_mod(plan: Mapping[str, Misbehavior], site_dirs: Sequence[Path]) ->
         if behavior.kind == "straggle":
             time.sleep(behavior.factor)
             return reply
-        if reply.has_error() or "arrays" not in reply.content:
+        if reply.has_error() or ARRAYS_RECORD not in reply.content:
             return reply
-        reply.content["arrays"] = _corrupt(message.content["arrays"], reply.content["arrays"], behavior)
+        if behavior.kind == "impersonate":
+            facts = SiteFacts.from_record(reply.content[SITE_RECORD])
+            other = names[(names.index(behavior.site) + 1) % len(names)]
+            reply.content[SITE_RECORD] = ConfigRecord(replace(facts, site_name=other).to_record())
+        elif behavior.kind == "inflate":
+            metrics = dict(reply.content[METRICS_RECORD])
+            reply.content[METRICS_RECORD] = MetricRecord({**metrics, NUM_EXAMPLES: int(behavior.factor)})
+        else:
+            reply.content[ARRAYS_RECORD] = _corrupt(message.content[ARRAYS_RECORD],
+                                                    reply.content[ARRAYS_RECORD], behavior)
         return reply
 
     return mod

@@ -35,7 +35,8 @@ def configure_logging(verbose: bool) -> None:
 @click.option("--gpus-per-site", type=float, default=0.0, show_default=True,
               help="Share of a GPU per virtual site (e.g. 0.5) when one is present.")
 @click.option("--misbehave", multiple=True, metavar="SITE=KIND[:FACTOR]",
-              help="Make a virtual site misbehave: nan, signflip[:F], scale:F, dropout, straggle[:S]. Repeatable.")
+              help="Make a virtual site misbehave: nan, signflip[:F], scale:F, dropout, straggle[:S], "
+                   "impersonate, inflate[:N]. Repeatable.")
 @click.option("--resume", "resume", metavar="RUN_ID", default=None,
               help="Continue a killed run after its last completed round, with its journaled run config.")
 @click.option("--verbose", is_flag=True, help="Show Flower's and Ray's own logs.")

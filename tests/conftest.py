@@ -21,6 +21,8 @@ def fedseg_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FEDSEG_HOME", str(home))
     monkeypatch.delenv("FEDSEG_MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("FEDSEG_ENROLMENT_DIR", raising=False)  # enrolled sites: under $FEDSEG_HOME
+    monkeypatch.delenv("FEDSEG_REQUIRE_ENROLMENT", raising=False)
     return home
 
 

@@ -149,7 +149,7 @@ def test_the_validating_strategy_refuses_contract_breaches_per_site_and_aggregat
     assert rejected == [
         ("site-1", "malformed: train metrics carry unknown key(s) ['dice-of-patient-7']; known: "
                    "['dp-delta', 'dp-noise-multiplier', 'epsilon', 'num-examples', 'train-loss', 'train-steps']"),
-        (f"node-{sent[2].metadata.dst_node_id}", "malformed: site name '../etc' is not valid: use 1-63 "
+        (f"node-{sent[2].metadata.dst_node_id}", "malformed: site name '../etc' is not valid: use 1-64 "
                                                   "letters, digits, '.', '_' or '-', starting with a letter or digit"),
         ("site-3", "malformed: 'epsilon' must be finite and >= 0, got inf"),
     ]
