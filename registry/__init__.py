@@ -6,6 +6,7 @@ from .dossier import log_dossier, write_dossier
 from .errors import (
     CommentError,
     DossierError,
+    EvidenceError,
     GateError,
     ModelArtifactError,
     ModelNotFoundError,
@@ -15,6 +16,7 @@ from .errors import (
     RegistryError,
     SigningKeyError,
 )
+from .evidence import EVIDENCE_TAG, VerifiedVersion, attest_version, sign_evidence, verify_version
 from .gates import GateConfig, GateResult, VersionFacts, default_gates, evaluate_gates
 from .history import HISTORY_TAG, read_history
 from .listing import list_versions
@@ -32,6 +34,8 @@ __all__ = [
     "Comment",
     "CommentError",
     "DossierError",
+    "EVIDENCE_TAG",
+    "EvidenceError",
     "GateConfig",
     "GateError",
     "GateResult",
@@ -48,8 +52,10 @@ __all__ = [
     "RegistryStore",
     "SigningKeyError",
     "TrackingRun",
+    "VerifiedVersion",
     "VersionFacts",
     "add_comment",
+    "attest_version",
     "auto_promote",
     "default_gates",
     "default_store",
@@ -67,7 +73,9 @@ __all__ = [
     "read_history",
     "resolve_version",
     "rollback",
+    "sign_evidence",
     "sign_model_dir",
     "verify_model_dir",
+    "verify_version",
     "write_dossier",
 ]

@@ -43,12 +43,13 @@ def list_command(name: str | None, fmt: str) -> None:
 
 
 def _register_commands() -> None:
+    from .cli_attest import attest_command
     from .cli_dossier import comment_command, dossier_command
     from .cli_governance import challenger_command, promote_command, rollback_command, show_command
     from .cli_keys import keygen
 
     for command in (show_command, promote_command, rollback_command, challenger_command,
-                    dossier_command, comment_command, keygen):
+                    dossier_command, comment_command, keygen, attest_command):
         registry.add_command(command)
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from .comments import MAX_COMMENT_CHARS, add_comment
-from .dossier import log_facts, write_facts
+from .dossier import log_signed_facts, write_facts
 from .dossier_facts import collect_facts, get_version
 from .errors import RegistryError
+from .signing import load_signing_key
 from .store import default_store
 
 __all__ = ["dossier_command", "comment_command"]
@@ -25,17 +26,23 @@ __all__ = ["dossier_command", "comment_command"]
 )
 @click.option(
     "--log/--no-log", default=True, show_default=True,
-    help="Also log the dossier as artifacts of the version's training run (dossier/v<N>/).",
+    help="Also log the dossier as artifacts of the version's training run (dossier/v<N>/) and "
+         "sign it into the version's evidence (needs the consortium signing key).",
 )
 def dossier_command(name: str, version: str, out_dir: Path, log: bool) -> None:
-    """Write the governance dossier of NAME VERSION (a number or an alias such as champion)."""
+    """Write the governance dossier of NAME VERSION (a number or an alias such as champion).
+
+    The version's signed evidence is verified first: an edited lineage or metric tag, a
+    re-registered artifact or an edited logged dossier is refused, naming what differs.
+    """
     store = default_store()
     try:
         facts = collect_facts(store, name, version)
         for path in write_facts(facts, out_dir):
             click.echo(str(path))
         if log:
-            click.echo(f"logged to run {facts.run_id}: {log_facts(store, facts)}/")
+            logged = log_signed_facts(store, facts, load_signing_key())
+            click.echo(f"logged to run {facts.run_id}: {logged}/ (evidence signed again over it)")
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from exc
 

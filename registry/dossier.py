@@ -16,10 +16,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mlflow.exceptions import MlflowException
 
 from imaging.replies import EvaluateReply, TrainReply
 
+from .artifacts import dossier_artifact_dir
 from .comments import Comment, add_comment, list_comments
 from .dossier_checks import (
     BIAS_GAP_THRESHOLD,
@@ -49,9 +51,11 @@ from .dossier_doc import (
     to_plain,
 )
 from .dossier_facts import DossierFacts, collect_facts
-from .errors import DossierError
+from .errors import DossierError, EvidenceError
+from .evidence import check_signer, sign_evidence
 from .plots import DICE_PLOT, EPSILON_PLOT, UPDATE_NORM_PLOT, available_plots, render_plots
 from .run_history import last_value, site_metric_keys, site_series
+from .signing import load_signing_key
 from .store import RegistryStore
 
 __all__ = [
@@ -69,6 +73,7 @@ __all__ = [
     "write_facts",
     "log_dossier",
     "log_facts",
+    "log_signed_facts",
     "dossier_artifact_dir",
     "add_comment",
     "list_comments",
@@ -137,6 +142,8 @@ def _identification(facts: DossierFacts) -> Section:
     ]
     if "signature.key_fingerprint" in t:
         rows.append(("signing key fingerprint", t["signature.key_fingerprint"]))
+    if facts.verified is not None:
+        rows.append(("evidence", facts.verified.describe()))
     rows.append(("registered at (UTC)", facts.created_at or "unknown"))
     if "promoted_at" in t or "promoted_by" in t:
         rows.append(("promoted", f"{t.get('promoted_at', 'time unknown')} by {t.get('promoted_by', 'unknown')}"))
@@ -503,24 +510,42 @@ def write_dossier(store: RegistryStore, name: str, version: int | str, out_dir: 
     return write_facts(collect_facts(store, name, version), Path(out_dir))
 
 
-def dossier_artifact_dir(version: int) -> str:
-    return f"dossier/v{version}"
-
-
-def log_dossier(store: RegistryStore, name: str, version: int | str) -> str:
-    """Log the dossier as artifacts of the version's training run; return their artifact path.
+def log_dossier(
+    store: RegistryStore, name: str, version: int | str, *, key: Ed25519PrivateKey | None = None
+) -> str:
+    """Log a fresh dossier as artifacts of the version's training run and sign it into the
+    version's evidence; return the artifact path.
 
     The run gets ``dossier/v<N>/dossier.md``, ``dossier/v<N>/dossier.html`` and
-    ``dossier/v<N>/plots/*.png``.
+    ``dossier/v<N>/plots/*.png``, replacing the dossier the evidence covered; so the version's
+    evidence is verified first and signed again over the new files, with the key that signed it
+    (``key``, default :func:`registry.signing.load_signing_key`).
 
     Raises
     ------
     ModelNotFoundError
         Unknown model, version or alias.
+    EvidenceError
+        The version does not match its evidence, predates evidence (attest it first), or
+        ``key`` is not the key that signed it. Nothing is logged.
     DossierError
         The version has no training run, or the artifacts cannot be stored.
     """
-    return log_facts(store, collect_facts(store, name, version))
+    return log_signed_facts(store, collect_facts(store, name, version),
+                            key if key is not None else load_signing_key())
+
+
+def log_signed_facts(store: RegistryStore, facts: DossierFacts, key: Ed25519PrivateKey) -> str:
+    """Log the dossier of verified ``facts`` and sign it into the evidence (see log_dossier)."""
+    verified = facts.verified
+    if verified is None or verified.evidence is None:
+        what = verified.describe() if verified is not None else "facts that were not verified"
+        raise EvidenceError(f"refusing to log a dossier for {facts.name} v{facts.version}: {what}")
+    check_signer(verified, key)
+    path = log_facts(store, facts)
+    sign_evidence(store, facts.name, facts.version, key, model_signature=verified.model_signature,
+                  tags=verified.tags, attestation=verified.evidence.attestation)
+    return path
 
 
 def log_facts(store: RegistryStore, facts: DossierFacts) -> str:

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from .comments import COMMENT_TAG_PREFIX, Comment, comments_from_tags
 from .errors import ModelNotFoundError
+from .evidence import VerifiedVersion, verify_version
 from .run_history import History, fetch_history
 from .store import RegistryStore
 
@@ -62,6 +63,7 @@ class DossierFacts:
     tracking_uri: str = ""
     generated_at: str = ""
     problems: tuple[str, ...] = ()
+    verified: VerifiedVersion | None = None  # what vouches for the facts; None: not checked
 
     def tag(self, key: str, default: str | None = None) -> str | None:
         return self.tags.get(key, default)
@@ -93,13 +95,23 @@ def get_version(client: MlflowClient, name: str, version: int | str):  # -> mlfl
         raise ModelNotFoundError(f"registered model {name!r} has no version {ref!r}{hint}") from exc
 
 
-def collect_facts(store: RegistryStore, name: str, version: int | str) -> DossierFacts:
+def collect_facts(
+    store: RegistryStore, name: str, version: int | str, *, verify: bool = True
+) -> DossierFacts:
     """Read the version's tags, aliases, run params, per-round metric histories and comments.
+
+    With ``verify`` (the default) the version's signed evidence is checked first
+    (:func:`registry.evidence.verify_version`): a dossier is never built from an edited tag, a
+    re-registered artifact or an edited logged dossier. A version published before evidence
+    existed is accepted, and its dossier says that its facts are not signed. Publication itself
+    builds the first dossier with ``verify=False``: the evidence is signed after it, over it.
 
     Raises
     ------
     ModelNotFoundError
         Unknown model, version or alias.
+    EvidenceError
+        The version does not match its signed evidence (the message names each difference).
     """
     client = store.client()
     mv = get_version(client, name, version)
@@ -110,6 +122,12 @@ def collect_facts(store: RegistryStore, name: str, version: int | str) -> Dossie
     tags = dict(mv.tags)
     lineage: dict[str, Any] = {}
     problems: list[str] = []
+    verified = None
+    if verify:
+        verified = verify_version(store, mv.name, number, model_version=mv, allow_legacy=True)
+        tags = dict(verified.tags)
+        if verified.legacy:
+            problems.append(f"the facts below are not signed: {verified.describe()}")
     for key in JSON_TAGS:
         if key in tags:
             try:
@@ -149,6 +167,7 @@ def collect_facts(store: RegistryStore, name: str, version: int | str) -> Dossie
         tracking_uri=public_uri(store.tracking_uri),
         generated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         problems=tuple(problems),
+        verified=verified,
     )
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "DossierError",
     "CommentError",
     "ModelSignatureError",
+    "EvidenceError",
     "SigningKeyError",
 ]
 
@@ -53,6 +54,14 @@ class ModelSignatureError(RegistryError):
 
     The message says why: ``unsigned``, ``altered``, ``signature does not verify``,
     ``signed by untrusted key``, or ``no trusted keys configured``.
+    """
+
+
+class EvidenceError(ModelSignatureError):
+    """A version's signed evidence is missing, in the old format, or differs from the registry.
+
+    The message names each difference: a tag (``tag eval_sites differs from the signed
+    evidence``), the model, version or run it was signed for, the model files, the dossier.
     """
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow.artifacts
 import torch
 from mlflow.exceptions import MlflowException
 
@@ -18,15 +17,21 @@ from imaging.errors import ConfigError
 from imaging.spec import ModelSpec
 
 from .artifacts import SPEC_FILE, STATE_FILE
-from .errors import ModelArtifactError, ModelNotFoundError, ModelSignatureError, RegistryError
+from .errors import (
+    EvidenceError,
+    ModelArtifactError,
+    ModelNotFoundError,
+    ModelSignatureError,
+    RegistryError,
+)
+from .evidence import Evidence, verify_version
+from .fetch import MLMODEL_FILE, download_model_dir
 from .publish import METRIC_PREFIX
 from .signing import Signature, TrustedKeys, verify_model_dir
 from .store import RegistryStore
 from .uri import parse_model_uri
 
 __all__ = ["LoadedModel", "load_model", "resolve_version"]
-
-MLMODEL_FILE = "MLmodel"
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class LoadedModel:
     tags: dict[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     signature: Signature | None = None  # None only when loaded with verify=False
+    evidence: Evidence | None = None  # what the tags were checked against (None: verify=False)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -94,7 +100,7 @@ def load_model(
     verify: bool = True,
     trusted_keys: TrustedKeys | Iterable[Any] | None = None,
 ) -> LoadedModel:
-    """Download the version, verify its signature, and read ``state_dict.pt`` and ``spec.json``.
+    """Download the version, verify its signature and evidence, read ``state_dict.pt`` and ``spec.json``.
 
     Parameters
     ----------
@@ -102,8 +108,12 @@ def load_model(
     uri : str
         ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
     verify : bool
-        Refuse a model directory that is not, byte for byte, what a trusted key signed (default).
-        The weights and spec are then read from the very bytes whose digests were verified.
+        Refuse a model directory that is not, byte for byte, what a trusted key signed, and a
+        version that does not match its signed evidence (:mod:`registry.evidence`: an edited
+        tag, an artifact registered again as another version or under another name, weights
+        swapped for other signed ones), or that predates evidence (default). The weights and
+        spec are then read from the very bytes whose digests were verified, and ``tags`` is the
+        snapshot that was checked.
     trusted_keys : optional
         Public keys (or paths) to trust; default ``FEDSEG_TRUSTED_KEYS`` or
         ``$FEDSEG_HOME/keys/trusted/``.
@@ -112,28 +122,33 @@ def load_model(
     ------
     ModelSignatureError
         The signature is missing, does not verify, or is by an untrusted key (the message says which).
+    EvidenceError
+        The version does not match its signed evidence, has none, or has it in the old format
+        (the message names each difference).
     """
     version = resolve_version(store, uri)
     label = f"{uri} ({version.name} version {version.version})"
     signature: Signature | None = None
+    evidence: Evidence | None = None
+    tags = dict(version.tags)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=version.source, dst_path=tmp, tracking_uri=store.tracking_uri
-                )
-            )
-        except (MlflowException, OSError) as exc:
-            raise ModelArtifactError(f"cannot fetch artifacts of {uri}: {exc}") from exc
-        mlmodel = next(iter(sorted(local.rglob(MLMODEL_FILE))), None)
-        model_dir = mlmodel.parent if mlmodel is not None else local
+            model_dir, found = download_model_dir(store, version.source, Path(tmp))
+        except ModelArtifactError as exc:
+            raise ModelArtifactError(f"{uri}: {exc}") from exc
         if verify:
-            if mlmodel is None:
+            if not found:
                 raise ModelSignatureError(f"refusing {label}: no {MLMODEL_FILE}, not a model directory")
             try:
                 signature = verify_model_dir(model_dir, trusted_keys)
             except ModelSignatureError as exc:
                 raise ModelSignatureError(f"refusing {label}: {exc}") from exc
+            try:
+                verified = verify_version(store, version.name, int(version.version), model_version=version,
+                                          model_signature=signature, trusted_keys=trusted_keys)
+            except ModelSignatureError as exc:
+                raise EvidenceError(f"refusing {label}: {exc}") from exc
+            tags, evidence = dict(verified.tags), verified.evidence
         state_path = next(iter(sorted(model_dir.rglob(STATE_FILE))), None)
         spec_path = next(iter(sorted(model_dir.rglob(SPEC_FILE))), None)
         if state_path is None or spec_path is None:
@@ -158,7 +173,8 @@ def load_model(
         version=int(version.version),
         spec=spec,
         state_dict=state,
-        tags=dict(version.tags),
+        tags=tags,
         aliases=tuple(getattr(version, "aliases", ()) or ()),
         signature=signature,
+        evidence=evidence,
     )

@@ -2,6 +2,12 @@
 
 Every move is recorded in the champion history (:mod:`registry.history`) and on the promoted
 version's tags (``promoted_at``, ``promoted_by``, and ``forced_reason`` when forced).
+
+Every version the alias moves to, and the champion the gates compare with, is first checked
+against its signed evidence (:func:`registry.evidence.verify_version`): the gates read the tags
+that were signed, never an edited one, and a re-registered artifact is refused. ``force`` lets an
+operator past failed gates, never past a candidate's evidence (only past a champion's, since the
+comparison it spoils is then moot).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from .errors import ModelNotFoundError, PromotionRefusedError
+from .errors import ModelNotFoundError, ModelSignatureError, PromotionRefusedError
+from .evidence import verify_version
 from .gates import GateConfig, GateResult, VersionFacts, default_gates, evaluate_gates
 from .history import append_history, champion_chain, read_history
 from .publish import CHAMPION, DECISION_METRIC
@@ -104,10 +111,22 @@ def promote(
             f"refusing to force {name} v{version} to {CHAMPION} without a reason: give --reason"
         )
     client = store.client()
-    current = _champion(store, name)  # first: an unknown model is named as such
-    candidate = _facts(store, name, version)
-    if current is not None and current.version == candidate.version:
+    champion = _champion_version(store, name)  # first: an unknown model is named as such
+    if champion is not None and champion == int(version):
         raise PromotionRefusedError(f"{name} v{version} is already the {CHAMPION}")
+    refused = f"refused to promote {name} v{version} to {CHAMPION}"
+    candidate = _facts(store, name, version, refused=refused)
+    current = None
+    if champion is not None:
+        try:
+            current = _facts(store, name, champion)
+        except ModelSignatureError as exc:
+            if not force:
+                raise type(exc)(
+                    f"{refused}: the gates compare with the champion v{champion}, whose evidence "
+                    f"does not hold ({exc}); promote with --force and a reason to replace it"
+                ) from None
+            current = _facts(store, name, champion, verify=False)
     results = evaluate_gates(candidate, current, gates)
     failed = [r for r in results if not r.passed]
     if failed and not force:
@@ -119,7 +138,7 @@ def promote(
         refusal.failed = tuple(failed)  # type: ignore[attr-defined]
         raise refusal
     entry = _move_alias(
-        store, name, candidate.version, current, "promote", actor, reason, force, results, gates
+        store, name, candidate.version, champion, "promote", actor, reason, force, results, gates
     )
     if force:
         client.set_model_version_tag(name, str(candidate.version), "forced_reason", reason.strip())  # type: ignore[union-attr]
@@ -145,31 +164,32 @@ def rollback(
         No such model.
     """
     entries = read_history(store, name)
-    current = _champion(store, name)
+    current = _champion_version(store, name)  # not verified: it is what is left
     if current is None:
         raise PromotionRefusedError(f"{name} has no {CHAMPION}; nothing to roll back")
     if not entries:
         raise PromotionRefusedError(
-            f"{name} has no champion history; nothing to roll back to (champion is v{current.version})"
+            f"{name} has no champion history; nothing to roll back to (champion is v{current})"
         )
     chain = champion_chain(entries)
-    if chain[-1] != current.version:
+    if chain[-1] != current:
         raise PromotionRefusedError(
-            f"{name}'s {CHAMPION} is v{current.version} but its history ends at v{chain[-1]} "
+            f"{name}'s {CHAMPION} is v{current} but its history ends at v{chain[-1]} "
             "(the alias was moved outside fedseg); promote explicitly instead"
         )
     if len(chain) < 2:
         raise PromotionRefusedError(
-            f"{name} has no earlier champion to roll back to (champion is v{current.version})"
+            f"{name} has no earlier champion to roll back to (champion is v{current})"
         )
     target = chain[-2]
-    _facts(store, name, target)  # refuse clearly when the earlier version was deleted
+    # refuse clearly when the earlier version was deleted, edited or is not what was signed
+    _facts(store, name, target, refused=f"refused to roll {name} back to v{target}")
     entry = _move_alias(store, name, target, current, "rollback", actor, reason, False, [], None)
     who, when = entry["actor"], entry["time"]
     client = store.client()
-    client.set_model_version_tag(name, str(current.version), "rolled_back_at", when)
-    client.set_model_version_tag(name, str(current.version), "rolled_back_by", who)
-    return PromotionResult(name, target, current.version, "rollback", False, (), entry)
+    client.set_model_version_tag(name, str(current), "rolled_back_at", when)
+    client.set_model_version_tag(name, str(current), "rolled_back_by", who)
+    return PromotionResult(name, target, current, "rollback", False, (), entry)
 
 
 def auto_promote(
@@ -184,11 +204,15 @@ def auto_promote(
     tuple[bool, str]
         Whether ``version`` became the champion, and why (or why not).
     """
-    current = _champion(store, name)
-    candidate = _facts(store, name, version)
+    champion = _champion_version(store, name)
+    stays = f"champion stays v{champion}" if champion is not None else "no champion set"
+    try:
+        candidate = _facts(store, name, version)
+        current = None if champion is None else _facts(store, name, champion)
+    except ModelSignatureError as exc:
+        return False, f"{exc}; {stays}"
     results = evaluate_gates(candidate, current, gates)
     failed = [r for r in results if not r.passed]
-    stays = f"champion stays v{current.version}" if current is not None else "no champion set"
     if failed:
         listed = "; ".join(f"{r.name}: {r.detail}" for r in failed)
         return False, f"failed gate(s) {', '.join(r.name for r in failed)} ({listed}); {stays}"
@@ -205,7 +229,7 @@ def auto_promote(
             f"{DECISION_METRIC} {new:.4f} does not beat champion "
             f"v{current.version} ({current.dice_pooled:.4f})"
         )
-    _move_alias(store, name, candidate.version, current, "auto", None, why, False, results, gates)
+    _move_alias(store, name, candidate.version, champion, "auto", None, why, False, results, gates)
     return True, why
 
 
@@ -213,7 +237,7 @@ def _move_alias(
     store: RegistryStore,
     name: str,
     version: int,
-    current: VersionFacts | None,
+    previous: int | None,
     action: str,
     actor: str | None,
     reason: str | None,
@@ -228,7 +252,7 @@ def _move_alias(
     entry: dict[str, Any] = {
         "action": action,
         "version": version,
-        "previous": None if current is None else current.version,
+        "previous": previous,
         "time": when,
         "actor": who,
         "reason": reason,
@@ -244,24 +268,32 @@ def _move_alias(
     return entry
 
 
-def _facts(store: RegistryStore, name: str, version: int) -> VersionFacts:
+def _facts(
+    store: RegistryStore, name: str, version: int, *, refused: str = "", verify: bool = True
+) -> VersionFacts:
+    """The gates' facts from the tags the evidence signed (``refused`` prefixes a refusal)."""
     try:
         mv = store.client().get_model_version(name, str(int(version)))
     except MlflowException as exc:
         raise ModelNotFoundError(f"models:/{name}/{version} is not in the registry at {store.tracking_uri}") from exc
-    return VersionFacts.from_tags(int(mv.version), dict(mv.tags))
-
-
-def _champion(store: RegistryStore, name: str) -> VersionFacts | None:
-    client = store.client()
+    if not verify:
+        return VersionFacts.from_tags(int(mv.version), dict(mv.tags))
     try:
-        model = client.get_registered_model(name)
+        verified = verify_version(store, name, int(mv.version), model_version=mv)
+    except ModelSignatureError as exc:
+        if not refused:
+            raise
+        raise type(exc)(f"{refused}: {exc}") from None
+    return VersionFacts.from_tags(verified.version, verified.tags)
+
+
+def _champion_version(store: RegistryStore, name: str) -> int | None:
+    try:
+        model = store.client().get_registered_model(name)
     except MlflowException as exc:
         raise ModelNotFoundError(f"no registered model {name!r} at {store.tracking_uri}") from exc
     version = (model.aliases or {}).get(CHAMPION)
-    if version is None:
-        return None
-    return _facts(store, name, int(version))
+    return None if version is None else int(version)
 
 
 def _login() -> str:

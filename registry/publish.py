@@ -21,8 +21,10 @@ from mlflow.types import Schema, TensorSpec
 from imaging.spec import ModelSpec
 
 from .artifacts import PYFUNC_SCRIPT, SPEC_FILE, STATE_FILE
-from .dossier import log_dossier
+from .dossier import log_facts
+from .dossier_facts import collect_facts
 from .errors import DossierError
+from .evidence import sign_evidence
 from .signing import load_signing_key, sign_model_dir
 from .store import RegistryStore
 from .tracking import TrackingRun
@@ -70,8 +72,11 @@ def publish_model(
 ) -> PublishedVersion:
     """Log the model under the run, register a new version, and promote it if it is better.
 
-    The version is signed, promoted to ``champion`` only through the gates
-    (``$FEDSEG_GATES_FILE`` or the defaults), and its governance dossier is logged.
+    In this order: the model directory is signed and logged; the version is registered with its
+    lineage and metric tags; its governance dossier is logged; the evidence binding the name,
+    version, run, model files, tags and dossier is signed (:mod:`registry.evidence`); only then
+    is it promoted to ``champion``, through the gates (``$FEDSEG_GATES_FILE`` or the defaults).
+    A service following the alias never meets a version without evidence.
     """
     from .promotion import auto_promote, default_gates  # here: promotion imports this module
 
@@ -92,7 +97,8 @@ def publish_model(
                 pip_requirements=["fedseg", "torch", "monai"],
             )
         # signed before upload: signature.json travels with the files it covers
-        signature = sign_model_dir(model_dir, load_signing_key())
+        key = load_signing_key()
+        signature = sign_model_dir(model_dir, key)
         client.log_artifacts(run.run_id, str(model_dir), "model")
     try:
         client.get_registered_model(name)
@@ -104,9 +110,12 @@ def publish_model(
     version = client.create_model_version(
         name, source=f"{run.artifact_uri}/model", run_id=run.run_id, tags=tags
     )
-    promoted, reason = auto_promote(store, name, int(version.version), gates)
-    try:
-        log_dossier(store, name, int(version.version))
+    number = int(version.version)
+    try:  # the facts were just written by this process: nothing to verify yet
+        log_facts(store, collect_facts(store, name, number, verify=False))
     except DossierError as exc:  # the model stands without it; regenerate with `registry dossier`
-        log.warning("dossier of %s v%s not logged: %s", name, version.version, exc)
-    return PublishedVersion(name, int(version.version), promoted, reason)
+        log.warning("dossier of %s v%s not logged: %s", name, number, exc)
+    # the tags it was created with, so an edit between creation and now does not get signed
+    sign_evidence(store, name, number, key, model_signature=signature, tags=tags)
+    promoted, reason = auto_promote(store, name, number, gates)
+    return PublishedVersion(name, number, promoted, reason)

@@ -6,6 +6,11 @@ canonical manifest (sorted relative POSIX paths, each with the SHA-256 of its by
 the top-level ``signature.json``); its SHA-256 is the model digest. The consortium's Ed25519 key
 signs the digest, and ``signature.json`` in the same directory records it.
 
+That signature covers the files only. What binds them to one registered version, with the
+version's lineage and metric tags and its dossier, is the signed evidence of
+:mod:`registry.evidence`; a model signed in :data:`SIGNATURE_FORMAT` promises that evidence, one
+in :data:`LEGACY_SIGNATURE_FORMAT` (published before it existed) does not.
+
 Keys
 ----
 Signing (the coordinator):
@@ -43,12 +48,16 @@ from .errors import ModelSignatureError, SigningKeyError
 
 __all__ = [
     "ALGORITHM",
+    "LEGACY_SIGNATURE_FORMAT",
     "SIGNATURE_FILE",
+    "SIGNATURE_FORMAT",
     "SIGNING_KEY_ENV",
     "SIGNING_KEY_PASSPHRASE_ENV",
     "TRUSTED_KEYS_ENV",
     "Signature",
     "TrustedKeys",
+    "as_trusted_keys",
+    "describe_changes",
     "embedded_key_paths",
     "generate_keypair",
     "key_fingerprint",
@@ -58,12 +67,18 @@ __all__ = [
     "model_manifest",
     "sign_model_dir",
     "verify_model_dir",
+    "verify_signed_bytes",
 ]
 
 ALGORITHM = "ed25519"
 SIGNATURE_FILE = "signature.json"
 MANIFEST_FORMAT = "fedseg-model-manifest/1"
-SIGNATURE_FORMAT = "fedseg-model-signature/1"
+#: Model signatures written before signed evidence existed: they cover the model files only.
+LEGACY_SIGNATURE_FORMAT = "fedseg-model-signature/1"
+#: Model signatures written now: the same files, and a promise that the version carries signed
+#: evidence (:mod:`registry.evidence`), so a removed evidence tag is not mistaken for an old model.
+SIGNATURE_FORMAT = "fedseg-model-signature/2"
+SIGNATURE_FORMATS = (LEGACY_SIGNATURE_FORMAT, SIGNATURE_FORMAT)
 SIGNING_KEY_ENV = "FEDSEG_SIGNING_KEY"
 SIGNING_KEY_PASSPHRASE_ENV = "FEDSEG_SIGNING_KEY_PASSPHRASE"
 TRUSTED_KEYS_ENV = "FEDSEG_TRUSTED_KEYS"
@@ -284,9 +299,10 @@ def _keys_in_dir(directory: Path) -> dict[str, Ed25519PublicKey]:
     return keys
 
 
-def _as_trusted(
+def as_trusted_keys(
     trusted_keys: TrustedKeys | Iterable[Ed25519PublicKey | Path | str] | None,
 ) -> dict[str, Ed25519PublicKey]:
+    """Trusted keys by fingerprint from keys, paths, a mapping, or (None) the configured ones."""
     if trusted_keys is None:
         return load_trusted_keys()
     if isinstance(trusted_keys, Mapping):
@@ -354,7 +370,8 @@ class Signature:
     """What ``signature.json`` records.
 
     ``files`` is the signed manifest, kept to name what changed when a digest does not match;
-    the verdict rests on ``digest`` and ``signature`` alone.
+    the verdict rests on ``digest`` and ``signature`` alone. ``format`` is signed too:
+    :data:`SIGNATURE_FORMAT` (evidence required) or :data:`LEGACY_SIGNATURE_FORMAT`.
     """
 
     algorithm: str
@@ -363,6 +380,12 @@ class Signature:
     key_fingerprint: str  # full hex
     signed_at: str  # ISO 8601, UTC
     files: dict[str, str] = field(default_factory=dict)
+    format: str = SIGNATURE_FORMAT
+
+    @property
+    def legacy(self) -> bool:
+        """Signed before evidence existed: covers the files, not the version's tags."""
+        return self.format == LEGACY_SIGNATURE_FORMAT
 
     @property
     def short_fingerprint(self) -> str:
@@ -372,7 +395,7 @@ class Signature:
         """The bytes that are signed: the digest, algorithm, signer and time, canonically."""
         return json.dumps(
             {
-                "format": SIGNATURE_FORMAT,
+                "format": self.format,
                 "algorithm": self.algorithm,
                 "digest": self.digest,
                 "key_fingerprint": self.key_fingerprint,
@@ -385,7 +408,7 @@ class Signature:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "format": SIGNATURE_FORMAT,
+                "format": self.format,
                 "algorithm": self.algorithm,
                 "digest": self.digest,
                 "signature": self.signature,
@@ -406,17 +429,30 @@ class Signature:
             fields = {k: raw[k] for k in ("algorithm", "digest", "signature", "key_fingerprint", "signed_at")}
             if not all(isinstance(v, str) for v in fields.values()):
                 raise TypeError("a field is not a string")
+            fmt = raw.get("format", LEGACY_SIGNATURE_FORMAT)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelSignatureError(f"malformed {SIGNATURE_FILE}: {exc}") from exc
-        return cls(**fields, files={str(k): str(v) for k, v in files.items()})
+        if fmt not in SIGNATURE_FORMATS:
+            raise ModelSignatureError(
+                f"unsupported signature format {fmt!r} (expected one of {', '.join(SIGNATURE_FORMATS)})"
+            )
+        return cls(**fields, files={str(k): str(v) for k, v in files.items()}, format=fmt)
 
     def tags(self) -> dict[str, str]:
         """Registry version tags naming the signer and the digest."""
         return {"signature.key_fingerprint": self.key_fingerprint, "signature.digest": self.digest}
 
 
-def sign_model_dir(model_dir: Path, key: Ed25519PrivateKey) -> Signature:
-    """Sign ``model_dir``'s digest with ``key`` and write ``signature.json`` into it."""
+def sign_model_dir(
+    model_dir: Path, key: Ed25519PrivateKey, *, format: str = SIGNATURE_FORMAT
+) -> Signature:
+    """Sign ``model_dir``'s digest with ``key`` and write ``signature.json`` into it.
+
+    ``format`` :data:`LEGACY_SIGNATURE_FORMAT` writes what fedseg wrote before signed evidence
+    (for tests of already-published versions).
+    """
+    if format not in SIGNATURE_FORMATS:
+        raise ValueError(f"unknown signature format {format!r}")
     model_dir = Path(model_dir)
     manifest = model_manifest(model_dir)
     unsigned = Signature(
@@ -426,6 +462,7 @@ def sign_model_dir(model_dir: Path, key: Ed25519PrivateKey) -> Signature:
         key_fingerprint=key_fingerprint(key),
         signed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         files=manifest,
+        format=format,
     )
     raw = key.sign(unsigned.message())
     signature = replace(unsigned, signature=base64.b64encode(raw).decode("ascii"))
@@ -433,16 +470,48 @@ def sign_model_dir(model_dir: Path, key: Ed25519PrivateKey) -> Signature:
     return signature
 
 
-def _changes(signed: Mapping[str, str], actual: Mapping[str, str]) -> str:
+def describe_changes(signed: Mapping[str, str], actual: Mapping[str, str]) -> str:
+    """``"changed a, b; added c; removed d"`` between two ``{path: sha256}`` manifests ("" if equal)."""
     changed = sorted(p for p in signed.keys() & actual.keys() if signed[p] != actual[p])
     added = sorted(actual.keys() - signed.keys())
     removed = sorted(signed.keys() - actual.keys())
-    parts = [
+    return "; ".join(
         f"{label} {', '.join(paths)}"
         for label, paths in (("changed", changed), ("added", added), ("removed", removed))
         if paths
-    ]
-    return f"; {'; '.join(parts)}" if parts else ""
+    )
+
+
+def _changes(signed: Mapping[str, str], actual: Mapping[str, str]) -> str:
+    described = describe_changes(signed, actual)
+    return f"; {described}" if described else ""
+
+
+def verify_signed_bytes(
+    message: bytes,
+    signature_b64: str,
+    fingerprint: str,
+    trusted_keys: TrustedKeys | Iterable[Ed25519PublicKey | Path | str] | None = None,
+) -> None:
+    """Check that a trusted key with ``fingerprint`` signed ``message``.
+
+    Raises
+    ------
+    ModelSignatureError
+        ``no trusted keys configured``, ``signed by untrusted key ...`` or
+        ``signature does not verify``.
+    """
+    keys = as_trusted_keys(trusted_keys)
+    if not keys:
+        raise ModelSignatureError(f"no trusted keys configured ({TRUSTED_KEYS_ENV})")
+    key = keys.get(fingerprint)
+    if key is None:
+        trusted = ", ".join(sorted(_short(fp) for fp in keys))
+        raise ModelSignatureError(f"signed by untrusted key {_short(fingerprint)} (trusted: {trusted})")
+    try:
+        key.verify(base64.b64decode(signature_b64, validate=True), message)
+    except (InvalidSignature, ValueError) as exc:
+        raise ModelSignatureError(f"signature does not verify (key {_short(fingerprint)})") from exc
 
 
 def verify_model_dir(
@@ -484,19 +553,5 @@ def verify_model_dir(
             f"altered: digest mismatch (expected {claimed.digest}, got {digest})"
             f"{_changes(claimed.files, manifest)}"
         )
-    keys = _as_trusted(trusted_keys)
-    if not keys:
-        raise ModelSignatureError(f"no trusted keys configured ({TRUSTED_KEYS_ENV})")
-    key = keys.get(claimed.key_fingerprint)
-    if key is None:
-        trusted = ", ".join(sorted(_short(fp) for fp in keys))
-        raise ModelSignatureError(
-            f"signed by untrusted key {_short(claimed.key_fingerprint)} (trusted: {trusted})"
-        )
-    try:
-        key.verify(base64.b64decode(claimed.signature, validate=True), claimed.message())
-    except (InvalidSignature, ValueError) as exc:
-        raise ModelSignatureError(
-            f"signature does not verify (key {_short(claimed.key_fingerprint)})"
-        ) from exc
+    verify_signed_bytes(claimed.message(), claimed.signature, claimed.key_fingerprint, trusted_keys)
     return replace(claimed, files=manifest)

@@ -134,8 +134,11 @@ def test_signature_by_an_untrusted_key_is_refused(fedseg_home: Path) -> None:
     sign_model_dir(_stored_model_dir(fedseg_home), stranger)  # re-signed by someone else
     with pytest.raises(ModelSignatureError, match=f"signed by untrusted key {key_fingerprint(stranger)[:16]}"):
         load_model(default_store(), URI)
-    # trusting it explicitly makes it load
-    assert load_model(default_store(), URI, trusted_keys=[stranger.public_key()]).version == 1
+    # trusting it explicitly makes it load (with the consortium key, which signed the evidence)
+    trusted = [stranger.public_key(), load_signing_key().public_key()]
+    assert load_model(default_store(), URI, trusted_keys=trusted).version == 1
+    with pytest.raises(ModelSignatureError, match="the signed evidence of signed-unet v1: signed by untrusted key"):
+        load_model(default_store(), URI, trusted_keys=[stranger.public_key()])
 
 
 def test_a_forged_digest_does_not_verify(fedseg_home: Path) -> None:
