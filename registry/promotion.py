@@ -103,6 +103,9 @@ def promote(
         A gate failed (the message names every failed gate and its detail; the error's
         ``failed`` attribute holds the failed :class:`GateResult` objects), ``force`` without a
         reason, or ``version`` is already the champion.
+    EvidenceError
+        The candidate does not match its signed evidence (even with ``force``), or the champion
+        it is compared with does not (without ``force``); the message names each difference.
     ModelNotFoundError
         No such model or version.
     """
@@ -160,6 +163,8 @@ def rollback(
     PromotionRefusedError
         No champion, no history, no earlier champion, the alias was moved outside fedseg (the
         history does not end at the current champion), or the earlier version no longer exists.
+    EvidenceError
+        The earlier version does not match its signed evidence.
     ModelNotFoundError
         No such model.
     """
@@ -197,7 +202,8 @@ def auto_promote(
 ) -> tuple[bool, str]:
     """Publish-time promotion: gates pass and (no champion, or ``dice_pooled`` beats it).
 
-    Never raises for a failed gate; the champion then stays and the reason says why.
+    Never raises for a failed gate or evidence that does not hold (the candidate's or the
+    champion's); the champion then stays and the reason says why.
 
     Returns
     -------

@@ -61,6 +61,16 @@ def _signature(spec: ModelSpec) -> ModelSignature:
     )
 
 
+def _free_model_path(client, run_id: str) -> str:
+    """``model``, or ``model-2``, ``model-3``... when the run already published one: a second
+    publication from the same run must not overwrite the files an earlier version points at."""
+    path, n = "model", 1
+    while client.list_artifacts(run_id, path):
+        n += 1
+        path = f"model-{n}"
+    return path
+
+
 def publish_model(
     store: RegistryStore,
     run: TrackingRun,
@@ -99,7 +109,8 @@ def publish_model(
         # signed before upload: signature.json travels with the files it covers
         key = load_signing_key()
         signature = sign_model_dir(model_dir, key)
-        client.log_artifacts(run.run_id, str(model_dir), "model")
+        artifact_path = _free_model_path(client, run.run_id)
+        client.log_artifacts(run.run_id, str(model_dir), artifact_path)
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -108,7 +119,7 @@ def publish_model(
     tags.update({f"{METRIC_PREFIX}{k}": f"{float(v):.6g}" for k, v in metrics.items()})
     tags.update(signature.tags())  # signature.key_fingerprint, signature.digest
     version = client.create_model_version(
-        name, source=f"{run.artifact_uri}/model", run_id=run.run_id, tags=tags
+        name, source=f"{run.artifact_uri}/{artifact_path}", run_id=run.run_id, tags=tags
     )
     number = int(version.version)
     try:  # the facts were just written by this process: nothing to verify yet

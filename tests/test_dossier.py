@@ -99,16 +99,19 @@ def _publish(store: RegistryStore, *, dp: bool = False, extra_tags: dict[str, st
 def registry_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RegistryStore, dict[str, int]]:
     home = tmp_path_factory.mktemp("dossier-home")
     store = RegistryStore.embedded(home)
-    versions = {
-        "plain": _publish(store),
-        "dp": _publish(store, dp=True),
-        "phi": _publish(store, extra_tags={"reviewed_series": f"series {UID} checked"}),
-    }
+    with pytest.MonkeyPatch.context() as mp:  # signed with, and verified by, this home's keys
+        mp.setenv("FEDSEG_HOME", str(home))
+        versions = {
+            "plain": _publish(store),
+            "dp": _publish(store, dp=True),
+            "phi": _publish(store, extra_tags={"reviewed_series": f"series {UID} checked"}),
+        }
     return home, store, versions
 
 
 @pytest.fixture
-def store(registry_home) -> RegistryStore:
+def store(registry_home, monkeypatch: pytest.MonkeyPatch) -> RegistryStore:
+    monkeypatch.setenv("FEDSEG_HOME", str(registry_home[0]))  # its trusted keys verify the evidence
     return registry_home[1]
 
 
