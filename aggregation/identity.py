@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from flwr.app import Message
 
 from imaging.replies import ReplyStatement, arrays_digest
-from privacy.enrolment import EnrolledSites
+from privacy.enrolment import EnrolledSites, load_node_public_key
 
 from .replies import SiteReply
 
@@ -53,12 +53,12 @@ class SiteIdentities:
         if enrolment is None:
             return f"identity: site {site!r} is not enrolled ({len(self.enrolled)} enrolled site(s))"
         node = reply.metadata.src_node_id
-        node_key = (self.node_keys or {}).get(node)
-        if node_key:
-            owner = self.enrolled.site_of_key(node_key)
-            if owner is not None and owner != site:
-                return (f"identity: node {node} authenticated with the key enrolled for {owner!r}, "
-                        f"but its reply claims to be {site!r}")
+        authenticated = load_node_public_key((self.node_keys or {}).get(node, b""))
+        if authenticated is not None:
+            owner = self.enrolled.site_of_key(authenticated)
+            if owner != site:
+                whose = f"the key enrolled for {owner!r}" if owner else "a key no site enrolled"
+                return f"identity: node {node} authenticated with {whose}, but its reply claims to be {site!r}"
         if not facts.signature:
             return f"identity: the reply claiming to be {site!r} is not signed with the site's node key"
         statement = ReplyStatement(

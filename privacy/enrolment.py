@@ -43,6 +43,7 @@ __all__ = [
     "default_enrolment_dir",
     "enrol",
     "load_node_key",
+    "load_node_public_key",
     "read_enrolment",
     "sign_manifest",
     "sign_statement",
@@ -75,6 +76,16 @@ def load_node_key(path: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise EnrolmentError(f"node key {path} is not an EC key (SuperNode keys are EC on a NIST curve)")
     return key
+
+
+def load_node_public_key(pem: bytes) -> ec.EllipticCurvePublicKey | None:
+    """The EC key the SuperLink authenticated a node with (PEM, as ``Grid.get_nodes`` reports it
+    under ``--enable-supernode-auth``); None for anything else (the simulation's random bytes)."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return key if isinstance(key, ec.EllipticCurvePublicKey) else None
 
 
 def _openssh_line(key: ec.EllipticCurvePublicKey) -> str:
@@ -228,15 +239,8 @@ class EnrolledSites(Mapping[str, Enrolment]):
     def __len__(self) -> int:
         return len(self.sites)
 
-    def site_of_key(self, key: ec.EllipticCurvePublicKey | bytes) -> str | None:
-        """The site enrolled with ``key`` (an EC key, or the PEM bytes the SuperLink holds)."""
-        if isinstance(key, bytes):
-            try:
-                key = serialization.load_pem_public_key(key)  # type: ignore[assignment]
-            except (ValueError, UnsupportedAlgorithm):
-                return None
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            return None
+    def site_of_key(self, key: ec.EllipticCurvePublicKey) -> str | None:
+        """The site enrolled with ``key``, if any."""
         line = _openssh_line(key)
         return next((s for s, e in self.sites.items() if _openssh_line(e.public_key) == line), None)
 

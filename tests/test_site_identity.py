@@ -293,3 +293,28 @@ def test_an_impersonating_site_is_rejected_through_the_whole_coordinator(
     assert tags["site_identity"] == "enrolled"
     rejected = store.client().get_metric_history(outcome.run_id, "site/site-a/train/rejected")
     assert [m.value for m in rejected] == [1.0]
+
+
+def test_a_node_authenticated_with_an_unenrolled_key_is_rejected(enrolled, tmp_path: Path) -> None:  # noqa: ANN001
+    """A registered but never enrolled node that obtained site-a's signing key."""
+    sites, keys = enrolled
+    _cli("site-key", "--site", "stranger", "--out", str(tmp_path / "other"))
+    strategy, rejected, _ = _strategy(sites)
+    grid = KeyedGrid({101: _pem(keys["site-a"]), 102: _pem(keys["site-b"]),
+                      103: _pem(tmp_path / "other" / "stranger.key")})
+    rnd = Round(strategy, grid)
+    strategy.aggregate_train(1, [rnd.reply(0, claims="site-a", key=keys["site-a"]),
+                                 rnd.reply(1, claims="site-b", key=keys["site-b"]),
+                                 rnd.reply(2, claims="site-a", key=keys["site-a"], seed=7)])
+    assert rejected == [("site-a", "identity: node 103 authenticated with a key no site enrolled, "
+                                   "but its reply claims to be 'site-a'")]
+
+
+def test_without_enrolment_the_coordinator_says_so_or_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aggregation import trust_statement
+
+    assert trust_statement(EnrolledSites({})).startswith("self-reported: no enrolled sites")
+    monkeypatch.setenv("FEDSEG_REQUIRE_ENROLMENT", "1")
+    config = FederationConfig.from_run_config(fused_run_config(default_app_dir(), "num-server-rounds=1"))
+    with pytest.raises(FederationError, match="FEDSEG_REQUIRE_ENROLMENT is set but no site is enrolled"):
+        run_federation(LocalGrid(None, 2), config, None)  # type: ignore[arg-type]  # refused first
