@@ -120,6 +120,7 @@ def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
     (default ``$FEDSEG_HOME/ledgers/<site-name>.json``).
     """
     given = [k for k in ("site-config", "data-dir", "pacs-url") if str(node_config.get(k, "")).strip()]
+    node_key = _optional_path(node_config, "node-key")
     if len(given) > 1:
         raise SiteConfigError(f"node config gives {' and '.join(given)}: give only one of them")
     if given == ["site-config"]:
@@ -127,7 +128,6 @@ def site_from_node_config(node_config: Mapping[str, Any]) -> Site:
 
         site = load_site_config(Path(str(node_config["site-config"])).expanduser())
         return replace(site, node_key=node_key) if node_key else site
-    node_key = _optional_path(node_config, "node-key")
     if given == ["pacs-url"]:
         name = str(node_config.get("site-name", "")).strip()
         if not name:

@@ -23,7 +23,7 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp.strategy import FedAvg
 from local_grid import LocalGrid
 
-from aggregation import SiteIdentities, SiteReportingStrategy, ValidatingStrategy
+from aggregation import SiteIdentities, ValidatingStrategy
 from client.app import create_client_app
 from client.reply_signing import reply_signing_mod
 from client.site import PartitionSites, Site
@@ -318,3 +318,15 @@ def test_without_enrolment_the_coordinator_says_so_or_fails_closed(monkeypatch: 
     config = FederationConfig.from_run_config(fused_run_config(default_app_dir(), "num-server-rounds=1"))
     with pytest.raises(FederationError, match="FEDSEG_REQUIRE_ENROLMENT is set but no site is enrolled"):
         run_federation(LocalGrid(None, 2), config, None)  # type: ignore[arg-type]  # refused first
+
+
+def test_the_node_key_comes_from_site_toml_or_the_node_config(tmp_path: Path) -> None:
+    from client.site import site_from_node_config
+
+    config = tmp_path / "site.toml"
+    config.write_text(f'[site]\nname = "h1"\nnode_key = "keys/h1.key"\n[source]\nkind = "folder"\npath = "{tmp_path}"\n')
+    assert site_from_node_config({"site-config": str(config)}).node_key == tmp_path / "keys" / "h1.key"
+    override = site_from_node_config({"site-config": str(config), "node-key": "/etc/k.key"})
+    assert override.node_key == Path("/etc/k.key")
+    folder = site_from_node_config({"data-dir": str(tmp_path), "site-name": "h2", "node-key": "/etc/k.key"})
+    assert folder.node_key == Path("/etc/k.key") and site_from_node_config({"data-dir": str(tmp_path)}).node_key is None
