@@ -16,9 +16,10 @@ from there, so the running code's folder *is* the app. From it this module deriv
 A publisher signs ``content_sha256`` with an Ed25519 key (``fedseg site app-sign``); the
 signature travels inside the app as ``app-signature.json``.
 
-Both checks run inside the app they vet: they keep an honest coordinator from running an
-unreviewed version at the site, not a malicious app from skipping them. Only the SuperNode can
-refuse before loading an app (Flower's ``--trusted-entities``), see the README.
+Inside the app (the ClientApp's own check) these keep an honest coordinator from running an
+unreviewed version at the site, not a malicious app from skipping them. The check that binds is
+the site's runner (:mod:`client.app_gate`, :mod:`client.site_runner`): site-installed code that
+hashes the FAB the SuperNode received, with :func:`fab_bytes_identity`, before any of it runs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .errors import PolicyError
 __all__ = [
     "SIGNATURE_FILE",
     "AppIdentity",
+    "fab_bytes_identity",
     "fab_file_identity",
     "identify_app",
     "load_public_key",
@@ -94,6 +96,8 @@ def _from_fab_bytes(fab: bytes, **extra: Any) -> AppIdentity:
         manifest = archive.read(".info/CONTENT").decode()
         names = set(archive.namelist())
         signature = (json.loads(archive.read(SIGNATURE_FILE)) if SIGNATURE_FILE in names else None)
+        if not isinstance(signature, dict):
+            signature = None
         meta = _fab_meta(archive.read("pyproject.toml").decode())
     return AppIdentity(fab_sha256=hashlib.sha256(fab).hexdigest(),
                        content_sha256=_content_digest(manifest), signature=signature, **meta, **extra)
@@ -143,6 +147,19 @@ def identify_app(app_dir: Path | None = None, *, hashes: bool = True) -> AppIden
                            error=f"the app folder {app_dir} differs from the FAB Flower installed "
                                  f"(hash {identity.fab_sha256[:8]}..., installed {prefix}...)")
     return identity
+
+
+def fab_bytes_identity(fab: bytes) -> AppIdentity:
+    """Hashes and signature of FAB bytes (what the SuperNode received); never raises.
+
+    Only reads the archive: nothing in it is imported or installed. An unreadable FAB gives an
+    identity with its FAB hash and an ``error``.
+    """
+    try:
+        return _from_fab_bytes(fab)
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, ValueError) as exc:
+        return AppIdentity(fab_sha256=hashlib.sha256(fab).hexdigest(),
+                           error=f"the FAB is not a readable Flower app package ({type(exc).__name__})")
 
 
 def fab_file_identity(fab_file: Path) -> AppIdentity:

@@ -10,18 +10,20 @@ import click
 from imaging.home import fedseg_home
 
 from .cli_audit import app_hash, app_sign, audit
+from .cli_runner import runner
 
 __all__ = ["site"]
 
 
 @click.group("site")
 def site() -> None:
-    """Hospital site node: data check, privacy ledger."""
+    """Hospital site node: data check, privacy ledger, audit log, the app-checking runner."""
 
 
 site.add_command(audit)
 site.add_command(app_hash)
 site.add_command(app_sign)
+site.add_command(runner)
 
 
 @site.group("ledger")

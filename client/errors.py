@@ -7,6 +7,8 @@ __all__ = [
     "SiteConfigError",
     "PolicyError",
     "PolicyViolation",
+    "AppRefused",
+    "RunnerError",
     "AuditError",
     "SourceError",
     "PacsError",
@@ -35,6 +37,14 @@ class PolicyViolation(ClientError):
     def __init__(self, message: str, rule: str = "") -> None:
         super().__init__(message)
         self.rule = rule
+
+
+class AppRefused(PolicyViolation):
+    """The site runner refused a task's app package (FAB) before any of it ran."""
+
+
+class RunnerError(ClientError):
+    """The site runner cannot start: a bad policy, or a Flower it cannot wrap safely."""
 
 
 class AuditError(ClientError):

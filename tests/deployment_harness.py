@@ -391,10 +391,10 @@ class Deployment:
 
     def start_supernode(self, name: str, private_key: Path, node_config: str, *,
                         root_certificates: Path | None = None, env: Mapping[str, str] | None = None,
-                        extra_args: tuple[str, ...] = ()) -> Process:
-        """A ``flower-supernode`` dialing the SuperLink with TLS (CA: ``root_certificates``)."""
+                        extra_args: tuple[str, ...] = (), runtime_port: int | None = None) -> Process:
+        """A ``flower-supernode`` dialing the SuperLink with TLS (CA: ``root_certificates``),
+        its runtime API on ``runtime_port`` (default: a free port)."""
         home = self.site_home(name)
-        node_env = _base_env(FEDSEG_HOME=str(home / "fedseg"), FLWR_HOME=str(home / "flwr"), **(env or {}))
         process = _spawn(
             f"supernode-{name}",
             [str(BIN / "flower-supernode"),
@@ -402,9 +402,26 @@ class Deployment:
              "--root-certificates", str(root_certificates or self.ca_cert),
              "--auth-supernode-private-key", str(private_key),
              "--node-config", node_config,
-             "--port", str(free_port()),
+             "--port", str(runtime_port or free_port()),
              *extra_args],
-            node_env, home,
+            self.site_env(name, env), home,
+        )
+        self._all.append(process)
+        return process
+
+    def site_env(self, name: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """A node's environment: its own FEDSEG_HOME and FLWR_HOME under :meth:`site_home`."""
+        home = self.site_home(name)
+        return _base_env(FEDSEG_HOME=str(home / "fedseg"), FLWR_HOME=str(home / "flwr"), **(env or {}))
+
+    def start_site_runner(self, name: str, runtime_port: int, *, site_config: Path) -> Process:
+        """``fedseg site runner`` beside a ``--isolation process`` SuperNode, as the runbook has it:
+        the site's policy and audit log from its ``site.toml``; this checkout is the site's fedseg."""
+        process = _spawn(
+            f"site-runner-{name}",
+            [sys.executable, "-m", "fedseg", "site", "runner", "--site-config", str(site_config),
+             "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"],
+            self.site_env(name, {"PYTHONPATH": str(ROOT)}), self.site_home(name),
         )
         self._all.append(process)
         return process
@@ -429,15 +446,16 @@ class Deployment:
     # ------------------------------------------------------------------ runs
 
     def run_app(self, run_config: str, *, while_running: Callable[[int], None] | None = None,
-                timeout: float = 900) -> FlowerRun:
-        """``flwr run <repo> fedseg --run-config ... --stream``: returns when the run has ended.
+                timeout: float = 900, app: Path = ROOT) -> FlowerRun:
+        """``flwr run <app> fedseg --run-config ... --stream``: returns when the run has ended.
 
-        ``while_running(run_id)`` is called once the run is submitted (e.g. to kill a node).
+        ``app`` is the app folder (default: this repository). ``while_running(run_id)`` is
+        called once the run is submitted (e.g. to kill a node).
         """
         out_path = self.root / f"flwr-run-{time.monotonic_ns()}.log"
         with out_path.open("wb") as out:
             proc = subprocess.Popen(
-                [str(BIN / "flwr"), "run", str(ROOT), CONNECTION, "--run-config", run_config,
+                [str(BIN / "flwr"), "run", str(app), CONNECTION, "--run-config", run_config,
                  "--stream"],
                 stdout=out, stderr=subprocess.STDOUT, env=self.operator_env, cwd=self.root,
             )

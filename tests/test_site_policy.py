@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flower_messages import instruction
+from tiny_app import write_tiny_app
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.install import install_from_fab
@@ -28,37 +29,11 @@ from imaging.model import build_unet
 from imaging.spec import ModelSpec
 
 SPEC = ModelSpec(channels=(8, 16), image_size=32)
-PYPROJECT = """[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "tinyapp"
-version = "1.0.0"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "acme"
-
-[tool.flwr.app.components]
-serverapp = "tinyapp.server:app"
-clientapp = "tinyapp.client:app"
-
-[tool.flwr.app.config]
-rounds = 1
-"""
 
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
-    app = tmp_path / "tinyapp-src"
-    (app / "tinyapp").mkdir(parents=True)
-    (app / "pyproject.toml").write_text(PYPROJECT)
-    (app / "tinyapp" / "__init__.py").write_text("")
-    (app / "tinyapp" / "client.py").write_text("app = None\n")
-    (app / "tinyapp" / "server.py").write_text("app = None\n")
-    return app
+    return write_tiny_app(tmp_path / "tinyapp-src")
 
 
 def _pem(key: Ed25519PrivateKey, path: Path) -> Path:
