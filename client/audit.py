@@ -24,6 +24,12 @@ path of a patient's file):
 ``ledger-anchor`` the privacy ledger's head after a DP round (``entries``, ``head``): a ledger
                  that no longer holds an anchored head is refused (see ``client.ledger_anchor``)
 
+Events written by the site runner (:mod:`client.site_runner`), before any app code runs:
+
+``runner-start``  the runner started: the policy file and its SHA-256, the flwr version
+``app-verified``  a task's app package was allowed: run, round, kind, the rule, its hashes
+``refusal``       (``by: site-runner``) a task's package was refused: the rule, the reason, its hashes
+
 Writers take an exclusive ``fcntl`` lock on the file for read-last-line + append + fsync, so
 concurrent ClientApp processes of one node never interleave or fork the chain.
 """

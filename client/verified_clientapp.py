@@ -100,15 +100,16 @@ def _round(message: Any) -> int:
 
 
 def run_task(token: str, gate: AppGate, *, runtime_api_address: str, insecure: bool,
-             certificates: bytes | None, parent_pid: int | None) -> None:
+             certificates: bytes | None, parent_pid: int | None, flower: ModuleType | None = None) -> None:
     """Run one ClientApp task through Flower, the gate deciding before the FAB is installed.
 
-    Ends the process (Flower's ``flwr_exit``), as ``flwr-clientapp`` does.
+    Ends the process (Flower's ``flwr_exit``), as ``flwr-clientapp`` does. ``flower`` is
+    :mod:`flwr.supernode.runtime.run_clientapp` (a test's stand-in otherwise).
     """
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
 
-    flower = _flower()
+    flower = flower or _flower()
     check_flower_seam(flower)
     pull, install, push = flower.pull_task_input, flower.install_from_fab, flower.push_message
     approved: set[str] = set()

@@ -414,15 +414,24 @@ class Deployment:
         home = self.site_home(name)
         return _base_env(FEDSEG_HOME=str(home / "fedseg"), FLWR_HOME=str(home / "flwr"), **(env or {}))
 
-    def start_site_runner(self, name: str, runtime_port: int, *, site_config: Path) -> Process:
+    def start_site_runner(self, name: str, runtime_port: int, *, site_config: Path,
+                          extra_args: tuple[str, ...] = ()) -> Process:
         """``fedseg site runner`` beside a ``--isolation process`` SuperNode, as the runbook has it:
         the site's policy and audit log from its ``site.toml``; this checkout is the site's fedseg."""
-        process = _spawn(
-            f"site-runner-{name}",
-            [sys.executable, "-m", "fedseg", "site", "runner", "--site-config", str(site_config),
-             "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"],
-            self.site_env(name, {"PYTHONPATH": str(ROOT)}), self.site_home(name),
-        )
+        return self._start_beside(name, "site-runner", [
+            sys.executable, "-m", "fedseg", "site", "runner", "--site-config", str(site_config),
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", *extra_args])
+
+    def start_stock_superexec(self, name: str, runtime_port: int) -> Process:
+        """Flower's own ``flower-superexec`` on the node's runtime API: what would run a task's
+        ClientApp unchecked, if the SuperNode handed it tasks."""
+        return self._start_beside(name, "stock-superexec", [
+            str(BIN / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            "--insecure"])
+
+    def _start_beside(self, name: str, role: str, argv: list[str]) -> Process:
+        process = _spawn(f"{role}-{name}", argv, self.site_env(name, {"PYTHONPATH": str(ROOT)}),
+                         self.site_home(name))
         self._all.append(process)
         return process
 

@@ -43,7 +43,10 @@ GATEWAY_CONF = "/etc/fedseg-gateway/nginx.conf"
 # Commands with sub-commands: how many leading words name the command.
 SUBCOMMAND_DEPTH = {"fedseg": 2, "mlflow": 1}
 # fedseg sub-commands that images may run: they must exist now.
-IMAGE_FEDSEG_SUBCOMMANDS = {"serve"}
+IMAGE_FEDSEG_SUBCOMMANDS = {"serve", "site"}
+# The one plain-HTTP hop allowed: the site runner to its SuperNode's runtime API on a shared loopback.
+SITE_RUNNER = ["fedseg", "site", "runner"]
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # fedseg sub-commands the CI may call besides those `fedseg --help` lists.
 CI_FEDSEG_SUBCOMMANDS = {"simulate", "registry", "serve"}
 # Sub-sub-commands being written now (issue #7): referenced by CI before they exist.
@@ -146,6 +149,7 @@ def _warm_help_cache() -> None:
     """Ask every CLI for its help once, in parallel (each costs 1-5 s of imports)."""
     real = [
         ("fedseg", "serve"),
+        ("fedseg", "site", "runner"),
         ("flower-superlink",),
         ("flower-supernode",),
         ("flower-superexec",),
@@ -250,6 +254,14 @@ def check_invocation(argv: list[str], where: str, *, image: bool) -> None:
         if choices:
             value = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
             assert value in choices, f"{where}: {flag} {value!r} is not one of {sorted(choices)}"
+
+
+def plain_http_allowed(argv: list[str]) -> bool:
+    """``--insecure`` is allowed only for the site runner dialing a loopback runtime API whose
+    tasks only the holder of the SuperExec secret can take."""
+    address = flag_value(argv, "--runtime-api-address") or ""
+    return (argv[:3] == SITE_RUNNER and address.rsplit(":", 1)[0].strip("[]") in LOOPBACK
+            and bool(flag_value(argv, "--superexec-auth-secret-file")))
 
 
 def flag_value(argv: list[str], flag: str) -> str | None:
@@ -529,7 +541,7 @@ def test_compose_services_run_real_commands() -> None:
     for name, service in services.items():
         argv = compose_argv(name, service)
         check_invocation(argv, f"compose {name}", image=True)
-        assert "--insecure" not in argv, f"compose {name}: TLS is required"
+        assert "--insecure" not in argv or plain_http_allowed(argv), f"compose {name}: TLS is required"
         # every file a flag names is mounted into the container
         for token in argv:
             if token.startswith(("/certs/", "/run/secrets/", "/keys/")):
@@ -560,8 +572,11 @@ def test_compose_wires_tls_auth_and_per_site_data() -> None:
             kv.split("=", 1) for kv in shlex.split(flag_value(argv, "--node-config") or "")
         )
         assert {"data-dir", "site-name"} <= set(node_config), f"{name}: --node-config {node_config}"
-        assert mounted(service, node_config["data-dir"]), f"{name}: data-dir is not mounted"
-        sources = [src for src, dst in map(volume_parts, service["volumes"])
+        # the ClientApps run in the site's runner: the data is mounted there (and only there)
+        _, runner = site_runner_of(name, services)
+        assert mounted(runner, node_config["data-dir"]), f"{name}: data-dir is not mounted in its runner"
+        assert not mounted(service, node_config["data-dir"]), f"{name}: the SuperNode needs no data"
+        sources = [src for src, dst in map(volume_parts, runner["volumes"])
                    if dst == node_config["data-dir"]]
         data.update(sources)
         sites.add(node_config["site-name"])
@@ -581,6 +596,51 @@ def test_compose_wires_tls_auth_and_per_site_data() -> None:
     serve_port = flag_value(serve, "--port")
     published = [str(p).rsplit(":", 1)[-1] for p in services["serve"].get("ports", [])]
     assert serve_port in published
+
+
+def site_runner_of(supernode: str, services: dict[str, dict]) -> tuple[str, dict]:
+    """The one service sharing SUPERNODE's network namespace and running ``fedseg site runner``."""
+    runners = [(n, s) for n, s in services.items() if s.get("network_mode") == f"service:{supernode}"
+               and compose_argv(n, s)[:3] == SITE_RUNNER]
+    assert len(runners) == 1, f"compose {supernode}: needs exactly one `fedseg site runner` beside it"
+    return runners[0]
+
+
+def secret_source(service: dict, path: str) -> str:
+    """The compose secret a ``/run/secrets/...`` path comes from."""
+    target = path.removeprefix("/run/secrets/")
+    for secret in service.get("secrets", []):
+        name, mounted_as = (secret, secret) if isinstance(secret, str) else (secret["source"],
+                                                                               secret.get("target", secret["source"]))
+        if mounted_as == target:
+            return name
+    raise AssertionError(f"{path} is not a secret of the service")
+
+
+def check_runner_beside(node_argv: list[str], runner_argv: list[str], where: str) -> None:
+    """SuperNode with --isolation process, its runtime API on loopback, and the runner dialing it."""
+    assert flag_value(node_argv, "--isolation") == "process", f"{where}: the SuperNode must not run ClientApps"
+    host = flag_value(node_argv, "--host") or "127.0.0.1"
+    port = flag_value(node_argv, "--port") or "9094"
+    assert host in LOOPBACK, f"{where}: the runtime API must stay on the loopback ({host})"
+    assert flag_value(runner_argv, "--runtime-api-address") == f"127.0.0.1:{port}", where
+    assert plain_http_allowed(runner_argv) or flag_value(runner_argv, "--root-certificates"), where
+    assert flag_value(node_argv, "--superexec-auth-secret-file"), f"{where}: any process could take its tasks"
+    assert flag_value(runner_argv, "--site-config") or flag_value(runner_argv, "--policy"), where
+
+
+def test_compose_sites_run_the_supernode_isolated_with_its_runner_beside_it() -> None:
+    services = compose_services()
+    for name in (n for n in services if n.startswith("supernode")):
+        runner_name, runner = site_runner_of(name, services)
+        node_argv, runner_argv = compose_argv(name, services[name]), compose_argv(runner_name, runner)
+        check_runner_beside(node_argv, runner_argv, f"compose {name}")
+        node_secret = flag_value(node_argv, "--superexec-auth-secret-file")
+        runner_secret = flag_value(runner_argv, "--superexec-auth-secret-file")
+        assert secret_source(services[name], node_secret) == secret_source(runner, runner_secret), name
+        for flag in ("--policy", "--audit-file"):
+            assert mounted(runner, flag_value(runner_argv, flag)), f"{runner_name}: {flag} not on a volume"
+        assert not any(p in runner for p in ("ports", "networks")), f"{runner_name}: only the node's loopback"
 
 
 def test_compose_has_no_literal_credentials() -> None:
@@ -885,7 +945,7 @@ def test_k8s_workloads_run_real_commands_as_non_root() -> None:
             where = f"k8s {workload['metadata']['name']}/{container['name']}"
             argv = container_argv(container)
             check_invocation(argv, where, image=True)
-            assert "--insecure" not in argv, where
+            assert "--insecure" not in argv or plain_http_allowed(argv), where
             sc = {**pod_sc, **container.get("securityContext", {})}
             assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 1) != 0, where
             assert container.get("securityContext", {}).get("allowPrivilegeEscalation") is False, where
@@ -1007,6 +1067,42 @@ def test_k8s_superlink_state_tls_and_service() -> None:
             probe = container["livenessProbe"]["exec"]["command"]
             assert f"('127.0.0.1', {flag_value(argv, '--port')})" in " ".join(probe), probe
     assert found, "no workload runs flower-superlink"
+
+
+def test_k8s_site_pod_runs_the_supernode_isolated_with_its_runner() -> None:
+    found = False
+    for workload in workloads():
+        pod = workload["spec"]["template"]["spec"]
+        argvs = {c["name"]: container_argv(c) for c in pod["containers"]}
+        nodes = [n for n, argv in argvs.items() if Path(argv[0]).name == "flower-supernode"]
+        if not nodes:
+            continue
+        found = True
+        runners = [n for n, argv in argvs.items() if argv[:3] == SITE_RUNNER]
+        assert len(nodes) == 1 and len(runners) == 1, f"{workload['metadata']['name']}: one node, one runner"
+        node_argv, runner_argv = argvs[nodes[0]], argvs[runners[0]]
+        where = f"k8s {workload['metadata']['name']}"
+        check_runner_beside(node_argv, runner_argv, where)
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        containers = {c["name"]: c for c in pod["containers"]}
+
+        def volume_of(container: str, path: str) -> dict:
+            mounts = [m for m in containers[container].get("volumeMounts", [])
+                      if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+            assert mounts, f"{where}/{container}: {path} is not mounted"
+            return volumes[max(mounts, key=lambda m: len(m["mountPath"]))["name"]]
+
+        secrets = [volume_of(c, flag_value(argvs[c], "--superexec-auth-secret-file")) for c in (nodes[0], runners[0])]
+        assert all("secret" in v for v in secrets) and secrets[0] == secrets[1], f"{where}: one shared Secret"
+        site_config = flag_value(runner_argv, "--site-config")
+        assert site_config and "configMap" in volume_of(runners[0], site_config), where
+        node_config = dict(kv.split("=", 1) for kv in shlex.split(flag_value(node_argv, "--node-config") or ""))
+        assert node_config.get("site-config") == site_config, f"{where}: node and runner read one site.toml"
+        data = [m["name"] for c in containers.values() for m in c.get("volumeMounts", [])
+                if "persistentVolumeClaim" in volumes[m["name"]]]
+        assert data and all(m in {x["name"] for x in containers[runners[0]]["volumeMounts"]} for m in data), (
+            f"{where}: the site's data and state are mounted in the runner only")
+    assert found, "no workload runs flower-supernode"
 
 
 # ----------------------------------------------------------------------------- the gateway

@@ -11,6 +11,7 @@ installed: the coordinator gets an error reply naming the rule, the site's audit
 from __future__ import annotations
 
 import io
+import os
 import types
 import zipfile
 from collections.abc import Iterator
@@ -27,9 +28,9 @@ from client.app_gate import REFUSAL_CODE, AppGate
 from client.app_trust import identify_app, public_key_fingerprint, sign_app
 from client.audit import AuditLog, verify_audit_log
 from client.cli import site as site_cli
-from client.errors import RunnerError
+from client.errors import AppRefused, RunnerError
 from client.site_runner import RunnerSettings
-from client.verified_clientapp import SITE_PACKAGES, check_flower_seam
+from client.verified_clientapp import SITE_PACKAGES, check_flower_seam, run_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,6 +127,26 @@ def test_the_runner_refuses_to_start_without_an_apps_rule_or_a_flower_it_can_wra
         check_flower_seam(changed)
 
 
+_STAND_IN = """
+def run_clientapp(**kwargs):
+    events.append(("installed", install_from_fab(b"bytes nobody approved", skip_prompt=True)))
+"""
+
+
+def test_flowers_installer_takes_only_a_package_the_gate_approved(tmp_path: Path) -> None:
+    """A Flower that installed before pulling (and so before the gate) installs nothing."""
+    stand_in = types.ModuleType("run_clientapp")
+    events: list[tuple[str, object]] = []
+    stand_in.__dict__.update(events=events, install_from_fab=lambda *a, **k: "installed!",
+                             pull_task_input=lambda client: None, push_message=lambda *a: None)
+    exec(compile(_STAND_IN + "    pull_task_input(None)\n", "run_clientapp", "exec"), stand_in.__dict__)
+    gate = _gate(tmp_path, f'[apps]\nallowed_hashes = ["{"0" * 64}"]\n')
+    with pytest.raises(AppRefused, match="installs only an app package its gate approved"):
+        run_task("token", gate, runtime_api_address="127.0.0.1:1", insecure=True, certificates=None,
+                 parent_pid=None, flower=stand_in)
+    assert events == [] and stand_in.install_from_fab(b"") == "installed!"  # and restored after
+
+
 def test_the_unloaded_site_packages_are_the_projects_packages() -> None:
     import tomllib
 
@@ -147,6 +168,7 @@ class GatedSite:
     flwr_home: Path
     tampered_app: Path
     marker: Path
+    stock_superexec: object  # deployment_harness.Process
 
 
 def _tampered_copy(out: Path, marker: Path) -> Path:
@@ -182,19 +204,26 @@ def gated_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatedSite]:
         f'[apps]\nallowed_hashes = ["sha256:{identify_app(ROOT).content_sha256}"]\n')
     marker = root / "tampered-code-ran"
     tampered = _tampered_copy(root / "tampered-app", marker)
+    # only a process holding this secret can take the node's tasks (the runbook's set-up)
+    secret = root / "superexec.secret"
+    secret.write_bytes(os.urandom(32))
     dep = Deployment.start(root / "federation")
     try:
         private_key, public_key = dep.site_key(NAME)
         dep.register(public_key)
         runtime_port = free_port()
         dep.supernodes[NAME] = dep.start_supernode(
-            NAME, private_key, f"site-config='{site_toml}'", extra_args=("--isolation", "process"),
-            runtime_port=runtime_port)
-        runner = dep.start_site_runner(NAME, runtime_port, site_config=site_toml)
+            NAME, private_key, f"site-config='{site_toml}'", runtime_port=runtime_port,
+            extra_args=("--isolation", "process", "--superexec-auth-secret-file", str(secret)))
+        runner = dep.start_site_runner(NAME, runtime_port, site_config=site_toml,
+                                       extra_args=("--superexec-auth-secret-file", str(secret)))
         dep.wait_activated()
         assert runner.wait_for("fedseg site runner: ClientApp tasks"), runner.log()
+        # the attack's accomplice: Flower's stock executor on the node, trying to take the tasks
+        stock = dep.start_stock_superexec(NAME, runtime_port)
         home = dep.site_home(NAME)
-        yield GatedSite(dep, site_dir, home / "fedseg" / "audit" / f"{NAME}.jsonl", home / "flwr", tampered, marker)
+        yield GatedSite(dep, site_dir, home / "fedseg" / "audit" / f"{NAME}.jsonl", home / "flwr", tampered,
+                        marker, stock)
     finally:
         dep.stop()
 
@@ -215,6 +244,9 @@ def test_an_approved_package_runs_a_round_under_the_site_runner(gated_site: Gate
     assert events[0] == "app-verified" and "data-access" in events and "round-result" in events, events
     verified = _run_records(gated_site.audit_file, run.run_id)[0]
     assert verified["by"] == "site-runner" and "content hash" in verified["allowed_by"]
+    # the approved package's own code ran (from Flower's install folder), not the site's copy
+    opened = next(r for r in _run_records(gated_site.audit_file, run.run_id) if r["event"] == "run")
+    assert opened["app"]["installed_prefix"] == verified["app"]["fab_sha256"][:8], opened["app"]
     assert events.count("app-verified") == events.count("round-start")  # every message checked
     assert verify_audit_log(gated_site.audit_file).ok
 
@@ -238,6 +270,8 @@ def test_a_tampered_package_is_refused_before_any_of_its_code_runs(gated_site: G
     assert records[0]["rule"] == "apps.allowed_hashes" and records[0]["by"] == "site-runner"
     assert records[0]["app"]["content_sha256"] == tampered.content_sha256
     assert not gated_site.marker.exists(), "code from the refused package ran at the site"
+    assert "Start `flwr-clientapp` process" not in gated_site.stock_superexec.log(), (
+        "the stock executor took a task around the runner")
     installed = [p.name for p in (gated_site.flwr_home / "apps").glob("*")]
     assert not any(p.endswith(tampered.fab_sha256[:8]) for p in installed), installed  # never installed
     assert verify_audit_log(gated_site.audit_file).ok
