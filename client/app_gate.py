@@ -102,9 +102,9 @@ class AppGate:
                                f"the package's SHA-256 {identity.fab_sha256} is not the run's FAB hash "
                                f"{fab_hash}")
         try:
-            policy = load_policy(self.policy_file)
-            if not Path(self.policy_file).is_file():
+            if not Path(self.policy_file).is_file():  # load_policy would allow everything
                 raise PolicyError(f"the site policy {self.policy_file} does not exist")
+            policy = load_policy(self.policy_file)
         except PolicyError as exc:
             return AppDecision(False, "policy-file", identity, str(exc))
         try:

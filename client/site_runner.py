@@ -119,8 +119,11 @@ class SiteRunner:
         """Start the verified ClientApp for one acquired task."""
         process = subprocess.Popen(self.settings.task_command(), stdin=subprocess.PIPE)  # noqa: S603
         assert process.stdin is not None
-        process.stdin.write(token.encode() + b"\n")
-        process.stdin.close()
+        try:
+            process.stdin.write(token.encode() + b"\n")
+            process.stdin.close()
+        except BrokenPipeError:  # it died at start; the SuperNode expires the task
+            log.error("task %d of run %d: the verified ClientApp exited before reading its token", task_id, run_id)
         log.info("task %d of run %d: verified ClientApp started (pid %d)", task_id, run_id, process.pid)
         self._tasks.append(process)
         return process
