@@ -1,6 +1,7 @@
 """fedseg privacy: DP-SGD with Opacus, and the per-site privacy ledger.
 
-Opacus is imported only here. The public surface:
+Opacus is imported only here, and only when a name that needs it is first used. The public
+surface:
 
 - :class:`DPConfig`: typed DP settings (σ or target ε, clipping norm, δ, accountant).
 - :func:`make_private_training`: train the U-Net in place with DP-SGD (Poisson sampling,
@@ -11,9 +12,10 @@ Opacus is imported only here. The public surface:
 - The exception tree rooted at :class:`PrivacyError`.
 """
 
-from .accounting import compose_epsilon, noise_for_target_epsilon, poisson_sample_rate, steps_per_epoch
+from importlib import import_module
+from typing import Any
+
 from .config import Accountant, DPConfig, default_delta
-from .dpsgd import DPTrainResult, make_private_training, per_sample_loss, validate_module
 from .errors import (
     BudgetExceededError,
     LedgerError,
@@ -21,15 +23,27 @@ from .errors import (
     PrivacyConfigError,
     PrivacyError,
 )
-from .ledger import (
-    DEFAULT_SCOPE,
-    LedgerAnchor,
-    LedgerEntry,
-    LedgerHead,
-    LedgerReport,
-    PrivacyLedger,
-    verify_ledger,
-)
+
+# Loaded on first use: Opacus calls logging.basicConfig() when imported, which would take the
+# coordinator's log lines off stdout (server.app), and the coordinator and `fedseg pki` need
+# only enrolment and keys, not Opacus.
+_LAZY = {
+    **dict.fromkeys(("compose_epsilon", "noise_for_target_epsilon", "poisson_sample_rate",
+                     "steps_per_epoch"), ".accounting"),
+    **dict.fromkeys(("DPTrainResult", "make_private_training", "per_sample_loss", "validate_module"),
+                    ".dpsgd"),
+    **dict.fromkeys(("DEFAULT_SCOPE", "LedgerAnchor", "LedgerEntry", "LedgerHead", "LedgerReport",
+                     "PrivacyLedger", "verify_ledger"), ".ledger"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Accountant",
