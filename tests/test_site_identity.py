@@ -267,16 +267,26 @@ def test_a_forged_enrolment_is_refused_by_the_operators_enrol(enrolled, tmp_path
     assert [r["site"] for r in listed] == list(SITES)
 
 
-def test_an_impersonating_site_is_rejected_through_the_whole_coordinator(
-    synthetic_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("behaviour", "rejection"),
+    [
+        ("impersonate", "rejected the update of site-a: identity: the reply's signature does not verify "
+                        "with the key enrolled for 'site-a'"),
+        ("inflate:1e9", "rejected the update of site-b: weight: 'site-b' claims 1000000000 samples, more "
+                        "than the 32 usable slices of its signed manifest"),
+    ],
+)
+def test_a_lying_site_is_rejected_through_the_whole_coordinator(
+    synthetic_sites: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str, rejection: str
 ) -> None:
     """Real ClientApp (handlers, signing mod, the simulation's misbehaviour mod), the real
-    coordinator chain and MLflow: site-b's replies claim site-a's name every round."""
+    coordinator chain and MLflow: site-b's train replies claim site-a's name, or 10⁹ slices."""
     from registry import default_store
 
     enrolled_sites, keys = enrol_sites(synthetic_sites, tmp_path / "sim")
+    assert {s: e.max_samples for s, e in enrolled_sites.items()} == {"site-a": 32, "site-b": 32}
     monkeypatch.setenv("FEDSEG_ENROLMENT_DIR", enrolled_sites.source)
-    plan = parse_misbehavior(["site-b=impersonate"], [p.name for p in synthetic_sites])
+    plan = parse_misbehavior([f"site-b={behaviour}"], [p.name for p in synthetic_sites])
     app = create_client_app(PartitionSites(tuple(synthetic_sites), tuple(keys)),
                             train_mods=[misbehave_mod(plan, synthetic_sites)])
     config = FederationConfig.from_run_config(fused_run_config(
@@ -285,13 +295,13 @@ def test_an_impersonating_site_is_rejected_through_the_whole_coordinator(
     store = default_store()
     outcome = run_federation(LocalGrid(app, len(synthetic_sites)), config, store, progress=lines.append)
     assert any(line.startswith("site identities: enrolled: 2 site(s)") for line in lines)
-    assert any("rejected the update of site-a: identity: the reply's signature does not verify with the key "
-               "enrolled for 'site-a'" in line for line in lines), lines
-    # the lineage names only what verified: the honest site-a, trained once; no site-b training
-    assert outcome.sites == {"site-a": outcome.sites["site-a"]} and outcome.sites["site-a"] > 0
+    assert any(rejection in line for line in lines), lines
+    # the lineage names only what verified: the honest site-a with its own count; no site-b training
+    assert list(outcome.sites) == ["site-a"] and 0 < outcome.sites["site-a"] <= 32
     tags = store.client().get_model_version("fedseg-unet", outcome.published.version).tags
-    assert tags["site_identity"] == "enrolled"
-    rejected = store.client().get_metric_history(outcome.run_id, "site/site-a/train/rejected")
+    assert tags["site_identity"] == "enrolled" and json.loads(tags["sites"]) == outcome.sites
+    claimed = "site-a" if behaviour == "impersonate" else "site-b"
+    rejected = store.client().get_metric_history(outcome.run_id, f"site/{claimed}/train/rejected")
     assert [m.value for m in rejected] == [1.0]
 
 
