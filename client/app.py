@@ -6,8 +6,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from .handlers import handle_evaluate, handle_train
-from .node_settings import NodeSettings
+from .failures import failure_edge
+from .handlers import handle
 from .reply_signing import reply_signing_mod
 from .site import SiteResolver, site_from_node_config
 
@@ -20,20 +20,20 @@ def create_client_app(
     """A ClientApp whose site comes from ``resolve_site(node_config)`` (the simulation's seam).
 
     ``train_mods`` are Flower mods around the train handler (simulated misbehaviour). Outside
-    them all, every reply is signed with the site's node key (:mod:`client.reply_signing`).
+    them all, every reply is signed with the site's node key (:mod:`client.reply_signing`), and
+    outermost, :func:`client.failures.failure_edge` turns whatever fails into a coded error reply:
+    no exception's text leaves the site.
     """
     client_app = ClientApp()
-    signing = reply_signing_mod(resolve_site)
+    edge, signing = failure_edge(resolve_site), reply_signing_mod(resolve_site)
 
-    @client_app.train(mods=[signing, *(train_mods or [])])
+    @client_app.train(mods=[edge, signing, *(train_mods or [])])
     def train(message: Message, context: Context) -> Message:
-        return handle_train(message, resolve_site(context.node_config),
-                            NodeSettings.from_node_config(context.node_config))
+        return handle("train", message, context.node_config, resolve_site)
 
-    @client_app.evaluate(mods=[signing])
+    @client_app.evaluate(mods=[edge, signing])
     def evaluate(message: Message, context: Context) -> Message:
-        return handle_evaluate(message, resolve_site(context.node_config),
-                               NodeSettings.from_node_config(context.node_config))
+        return handle("evaluate", message, context.node_config, resolve_site)
 
     return client_app
 

@@ -13,6 +13,7 @@ __all__ = [
     "SourceError",
     "PacsError",
     "PacsAuthError",
+    "NoPatientsError",
 ]
 
 
@@ -56,8 +57,23 @@ class SourceError(ClientError):
 
 
 class PacsError(SourceError):
-    """The PACS cannot be reached or answers with an error; the message names the request."""
+    """The PACS cannot be reached or answers with an error; the message names the request.
+
+    ``status`` is the HTTP status of an error answer (None: unreachable, or a malformed answer).
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PacsAuthError(PacsError):
     """The PACS refused the node's credentials (HTTP 401 or 403)."""
+
+
+class NoPatientsError(ClientError):
+    """The site's patient split leaves no patient for the round's ``role`` (training, held-out)."""
+
+    def __init__(self, message: str, *, role: str, patients: int) -> None:
+        super().__init__(message)
+        self.role, self.patients = role, patients

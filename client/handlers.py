@@ -5,13 +5,15 @@ is checked against the site's policy (``policy.toml``) before any data is read: 
 its floors and caps, a DP round's ledger (its hash chain against the anchors in the audit log)
 and, last, the per-run count of messages that read data (``admitted``). Everything is recorded
 in the site's audit log (run, round start, admission, data access, result, refusal or failure).
+A failure raises; the ClientApp's edge (:func:`client.failures.failure_edge`) answers it with a
+coded error reply, never with an exception's text.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,19 +24,18 @@ from imaging.replies import ARRAYS_RECORD, METRICS_RECORD, SITE_RECORD, Evaluate
 from imaging.model import load_state_dict, select_device
 from imaging.site_data import SiteDataset
 from imaging.training import autocast_dtype, evaluate, train_epochs
-from privacy import BudgetExceededError, LedgerIntegrityError
 
 from .app_trust import AppIdentity, identify_app
 from .audit import AuditLog
-from .errors import PolicyError, PolicyViolation
+from .errors import NoPatientsError, PolicyError, PolicyViolation
 from .ledger_anchor import site_ledger
 from .local_norm import apply_local_norm, keep_local_norm
 from .node_settings import NodeSettings
 from .policy import SitePolicy, check_app, check_required_metrics, filter_metrics, load_policy
 from .private_training import check_policy, check_spend, train_private_round
-from .site import Site
+from .site import Site, SiteResolver
 
-__all__ = ["handle_train", "handle_evaluate"]
+__all__ = ["handle", "open_site", "round_of"]
 
 log = logging.getLogger("fedseg.client")
 
@@ -139,33 +140,21 @@ def _open_run(message: Message, site: Site, audit: AuditLog, hashes: bool) -> Ap
     return app
 
 
-def _guarded(message: Message, site: Site, node: NodeSettings | None, kind: str, body: _Body) -> Message:
-    """Audit, policy, then ``body``; the policy's metric filter on the way out."""
-    node = node or NodeSettings()
-    audit = AuditLog(node.audit_file or site.audit_path)
-    where = {"run_id": str(message.metadata.run_id), "round": _round(message), "kind": kind}
+def _guarded(message: Message, site: Site, node: NodeSettings, audit: AuditLog, where: dict[str, Any],
+             body: _Body) -> Message:
+    """Policy, then ``body``; the policy's metric filter on the way out. Raises on failure."""
     try:
         policy, policy_error = load_policy(site.policy_path), None
-    except PolicyError as exc:  # recorded below, after the run and round records
+    except PolicyError as exc:  # raised below, after the run and round records
         policy, policy_error = SitePolicy(), exc
     app = _open_run(message, site, audit, hashes=policy.restricts_apps)
     audit.append("round-start", **where)
-    try:
-        if policy_error is not None:
-            raise policy_error
-        allowed_by = check_app(app, policy)
-        check_required_metrics(policy)
-        reply, metrics = body(message, site, node, policy, audit)
-        kept, dropped = filter_metrics(metrics, policy)
-    except (PolicyViolation, BudgetExceededError, LedgerIntegrityError) as exc:
-        rule = getattr(exc, "rule", "") or (
-            "privacy.ledger" if isinstance(exc, LedgerIntegrityError) else "privacy.epsilon_budget")
-        audit.append("refusal", **where, rule=rule, reason=str(exc))
-        log.warning("site %s refused %s round %s: %s", site.name, kind, where["round"], exc)
-        raise
-    except Exception as exc:
-        audit.append("failure", **where, error=type(exc).__name__, reason=str(exc)[:1000])
-        raise
+    if policy_error is not None:
+        raise policy_error
+    allowed_by = check_app(app, policy)
+    check_required_metrics(policy)
+    reply, metrics = body(message, site, node, policy, audit)
+    kept, dropped = filter_metrics(metrics, policy)
     if dropped:
         reply.content[METRICS_RECORD] = MetricRecord(kept)
     audit.append("round-result", **where, app_allowed_by=allowed_by, metrics=kept, dropped_metrics=dropped)
@@ -183,7 +172,8 @@ def _train(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
         check_spend(ledger, policy, run_id)
     instructions, net, data = _load(message, site, audit, policy, "train", instructions)
     if data.num_train == 0:
-        raise ValueError(f"site {site.name} has no training patients after the split")
+        raise NoPatientsError(f"site {site.name} has no training patients after the split",
+                              role="training", patients=data.train_patients + data.test_patients)
     device = select_device(node.device)
     if ledger is not None:  # float32 only: see imaging.training.autocast_dtype
         dp = train_private_round(
@@ -223,7 +213,8 @@ def _evaluate(message: Message, site: Site, node: NodeSettings, policy: SitePoli
               audit: AuditLog) -> tuple[Message, dict[str, Any]]:
     instructions, net, data = _load(message, site, audit, policy, "evaluate")
     if data.num_test == 0:
-        raise ValueError(f"site {site.name} has no held-out patients (needs at least 2 patients)")
+        raise NoPatientsError(f"site {site.name} has no held-out patients (needs at least 2 patients)",
+                              role="held-out", patients=data.train_patients + data.test_patients)
     device = select_device(node.device)
     result = evaluate(
         net,
@@ -237,11 +228,27 @@ def _evaluate(message: Message, site: Site, node: NodeSettings, policy: SitePoli
     return _reply(message, site, data, metrics), metrics
 
 
-def handle_train(message: Message, site: Site, node: NodeSettings | None = None) -> Message:
-    """Train the received global model on the site's training patients, within its policy."""
-    return _guarded(message, site, node, "train", _train)
+_BODIES: dict[str, _Body] = {"train": _train, "evaluate": _evaluate}
 
 
-def handle_evaluate(message: Message, site: Site, node: NodeSettings | None = None) -> Message:
-    """Dice of the received global model on the site's held-out patients, within its policy."""
-    return _guarded(message, site, node, "evaluate", _evaluate)
+def open_site(node_config: Mapping[str, Any], resolve_site: SiteResolver) -> tuple[Site, NodeSettings, AuditLog]:
+    """The node's site, its execution settings and its audit log."""
+    site = resolve_site(node_config)
+    node = NodeSettings.from_node_config(node_config)
+    return site, node, AuditLog(node.audit_file or site.audit_path)
+
+
+def round_of(message: Message) -> int:
+    """The message's ``server-round`` (0 when it has none)."""
+    return _round(message)
+
+
+def handle(kind: str, message: Message, node_config: Mapping[str, Any], resolve_site: SiteResolver) -> Message:
+    """Run a ``train`` or ``evaluate`` message at the site whose ``resolve_site(node_config)`` it is.
+
+    Raises on any failure: the ClientApp's edge (:func:`client.failures.failure_edge`, its
+    outermost mod) answers it with a coded error reply, the full text in the site's log and audit log.
+    """
+    site, node, audit = open_site(node_config, resolve_site)
+    where = {"run_id": str(message.metadata.run_id), "round": _round(message), "kind": kind}
+    return _guarded(message, site, node, audit, where, _BODIES[kind])

@@ -18,7 +18,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID
 
-from imaging.errors import DicomReadError, SeriesError, UnsupportedTransferSyntaxError
+from imaging.errors import DicomReadError, NotDicomError, SeriesError, UnsupportedTransferSyntaxError
 from imaging.volume import Volume
 
 __all__ = [
@@ -58,7 +58,7 @@ def _dcmread(source: DicomSource, name: str, *, stop_before_pixels: bool) -> Dat
     try:
         return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
-        raise DicomReadError(f"{name} is not a DICOM file") from None
+        raise NotDicomError(f"{name} is not a DICOM file") from None
     except FileNotFoundError:
         raise DicomReadError(f"{name} does not exist") from None
     except IsADirectoryError:

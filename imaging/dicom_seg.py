@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 
 from imaging.dicom_read import read_header, sort_slices
 from imaging.dicom_write import make_uid
-from imaging.errors import DicomReadError, SegmentationError
+from imaging.errors import DicomReadError, SegmentAlignmentError, SegmentationError
 from imaging.volume import Volume
 
 __all__ = ["write_seg", "read_seg_mask", "seg_referenced_series_uid", "is_seg"]
@@ -175,12 +175,12 @@ def read_seg_mask(seg: Path | str | BinaryIO | Dataset, volume: Volume) -> np.nd
     obj = _load_seg(seg)
     referenced = _referenced_series(obj)
     if volume.series_uid not in referenced:
-        raise SegmentationError(
+        raise SegmentAlignmentError(
             f"the SEG references series {', '.join(referenced) or '(none)'}, "
             f"not the volume's series {volume.series_uid}"
         )
     if (int(obj.Rows), int(obj.Columns)) != volume.shape[1:]:
-        raise SegmentationError(
+        raise SegmentAlignmentError(
             f"SEG frames are {obj.Rows}x{obj.Columns}, the series' slices {volume.shape[1:]}"
         )
     try:
@@ -190,10 +190,10 @@ def read_seg_mask(seg: Path | str | BinaryIO | Dataset, volume: Volume) -> np.nd
             dtype=np.uint8,
         )
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise SegmentationError(f"cannot align the SEG with series {volume.series_uid}: {exc}") from exc
+        raise SegmentAlignmentError(f"cannot align the SEG with series {volume.series_uid}: {exc}") from exc
     mask = (pixels.reshape(pixels.shape[:3] + (-1,)) > 0).any(axis=-1).astype(np.uint8)
     if mask.shape != volume.shape:
-        raise SegmentationError(f"SEG mask shape {mask.shape} differs from the volume's {volume.shape}")
+        raise SegmentAlignmentError(f"SEG mask shape {mask.shape} differs from the volume's {volume.shape}")
     return mask
 
 

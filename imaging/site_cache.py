@@ -68,7 +68,7 @@ def _read(entry: Path) -> SiteDataset | None:
         train_patients=meta["train_patients"],
         test_patients=meta["test_patients"],
         cases_without_seg=meta["cases_without_seg"],
-        problems=[FileProblem(Path(p), r) for p, r in meta["problems"]],
+        problems=[FileProblem(Path(p[0]), *p[1:]) for p in meta["problems"]],
         vendors=meta["vendors"],
         input_stats=meta["input_stats"],
         manifest_sha256=meta["manifest_sha256"],
@@ -79,7 +79,7 @@ def _write(entry: Path, data: SiteDataset) -> None:
     meta = {
         "train_patients": data.train_patients, "test_patients": data.test_patients,
         "cases_without_seg": data.cases_without_seg, "vendors": data.vendors,
-        "problems": [[str(p.path), p.reason] for p in data.problems],
+        "problems": [[str(p.path), p.reason, p.kind] for p in data.problems],
         "input_stats": data.input_stats, "manifest_sha256": data.manifest_sha256,
     }
     entry.parent.mkdir(parents=True, exist_ok=True)

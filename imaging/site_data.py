@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, ImagingError
+from .errors import DataError, ImagingError, NoUsableSeriesError
 from .preprocess import preprocess_image, preprocess_mask
 from .selection import SeriesSelection
-from .site_folder import FileProblem, load_case, scan_site
+from .site_folder import FileProblem, load_case, problem_kind, scan_site
 from .site_stats import InputStatsBuilder
 from .spec import ModelSpec
 
@@ -64,6 +64,13 @@ def _stack(arrays: list[np.ndarray], size: int, dtype: type) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros((0, size, size), dtype=dtype)
 
 
+def _problem_counts(problems: list[FileProblem]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for problem in problems:
+        counts[problem.kind] = counts.get(problem.kind, 0) + 1
+    return counts
+
+
 def load_site_dataset(
     root: Path,
     spec: ModelSpec,
@@ -84,10 +91,12 @@ def load_site_dataset(
              if rules.reason_to_exclude(c.modality, c.series_description, len(c.files)) is None]
     labelled = [case for case in cases if case.seg_file is not None]
     if not labelled:
-        raise DataError(
+        raise NoUsableSeriesError(
             f"no selected series with a DICOM SEG found under {root} "
             f"({len(cases)} selected series without SEG, {len(scan.cases) - len(cases)} series "
-            f"excluded by the selection rules, {len(scan.problems)} unreadable files)"
+            f"excluded by the selection rules, {len(scan.problems)} unreadable files)",
+            labelled=0, unlabelled=len(cases), excluded=len(scan.cases) - len(cases),
+            problems=_problem_counts(scan.problems),
         )
     train_ids, test_ids = split_patients([c.patient_id for c in labelled], test_fraction, seed)
     buckets: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
@@ -98,7 +107,7 @@ def load_site_dataset(
         try:
             volume, mask = load_case(case)
         except ImagingError as exc:  # one broken series must not sink the site: record it
-            problems.append(FileProblem(case.files[0].parent, f"series unusable: {exc}"))
+            problems.append(FileProblem(case.files[0].parent, f"series unusable: {exc}", problem_kind(exc)))
             continue
         assert mask is not None
         stats.add(volume, has_seg=True)
@@ -108,7 +117,11 @@ def load_site_dataset(
         vendor = volume.manufacturer or "unknown"
         vendors[vendor] = vendors.get(vendor, 0) + 1
     if not buckets["train"][0] and not buckets["test"][0]:
-        raise DataError(f"no usable labelled series under {root}: " + "; ".join(p.reason for p in problems[:3]))
+        raise NoUsableSeriesError(
+            f"no usable labelled series under {root}: " + "; ".join(p.reason for p in problems[:3]),
+            labelled=len(labelled), unlabelled=len(cases) - len(labelled),
+            excluded=len(scan.cases) - len(cases), problems=_problem_counts(problems),
+        )
     s = spec.image_size
     return SiteDataset(
         train_images=_stack(buckets["train"][0], s, np.float32),

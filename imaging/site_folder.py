@@ -17,10 +17,19 @@ import numpy as np
 
 from imaging.dicom_read import read_header, read_series
 from imaging.dicom_seg import is_seg, read_seg_mask
-from imaging.errors import DataError, DicomReadError
+from imaging.errors import (
+    DataError,
+    DicomReadError,
+    ImagingError,
+    NotDicomError,
+    SegmentAlignmentError,
+    SegmentationError,
+    SeriesError,
+    UnsupportedTransferSyntaxError,
+)
 from imaging.volume import Volume
 
-__all__ = ["IGNORED_NAMES", "Case", "FileProblem", "SiteScan", "scan_site", "load_case"]
+__all__ = ["IGNORED_NAMES", "Case", "FileProblem", "SiteScan", "problem_kind", "scan_site", "load_case"]
 
 #: Side files a site folder may hold next to its DICOM (not reported as problems).
 IGNORED_NAMES = frozenset({"site.json", "policy.toml", "README.md", "README.txt", "DICOMDIR"})
@@ -56,10 +65,25 @@ class Case:
 
 @dataclass(frozen=True)
 class FileProblem:
-    """A file that the scan could not use, and why."""
+    """A file that the scan could not use, and why.
+
+    ``reason`` is the full text (it may name the file and its UIDs: it stays at the site);
+    ``kind`` is one of :data:`imaging.failure_codes.PROBLEM_KINDS`, safe to count anywhere.
+    """
 
     path: Path
     reason: str
+    kind: str = "unreadable"
+
+
+def problem_kind(exc: ImagingError) -> str:
+    """The :data:`~imaging.failure_codes.PROBLEM_KINDS` word for why a file or series failed."""
+    for cls, kind in ((NotDicomError, "not-dicom"), (UnsupportedTransferSyntaxError, "unsupported-transfer-syntax"),
+                      (SegmentAlignmentError, "seg-misaligned"), (SegmentationError, "seg-unusable"),
+                      (SeriesError, "series-inconsistent")):
+        if isinstance(exc, cls):
+            return kind
+    return "unreadable"
 
 
 @dataclass(frozen=True)
@@ -119,12 +143,12 @@ def scan_site(root: Path) -> SiteScan:
         try:
             ds = read_header(path)
         except DicomReadError as exc:
-            problems.append(FileProblem(path, str(exc)))
+            problems.append(FileProblem(path, str(exc), problem_kind(exc)))
             continue
         if is_seg(ds):
             refs = [str(r.SeriesInstanceUID) for r in getattr(ds, "ReferencedSeriesSequence", [])]
             if len(refs) != 1:
-                problems.append(FileProblem(path, f"SEG references {len(refs)} series, expected 1"))
+                problems.append(FileProblem(path, f"SEG references {len(refs)} series, expected 1", "seg-ambiguous"))
             else:
                 segs[refs[0]].append(path)
             continue
@@ -132,10 +156,10 @@ def scan_site(root: Path) -> SiteScan:
         if not uid or "Rows" not in ds:
             sop = getattr(ds, "SOPClassUID", None)
             what = sop.name if sop is not None else "unknown SOP class"
-            problems.append(FileProblem(path, f"DICOM object is not an image ({what})"))
+            problems.append(FileProblem(path, f"DICOM object is not an image ({what})", "not-an-image"))
             continue
         if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            problems.append(FileProblem(path, "multi-frame images are not supported"))
+            problems.append(FileProblem(path, "multi-frame images are not supported", "multi-frame"))
             continue
         series_files[uid].append(path)
         series_info.setdefault(uid, (str(getattr(ds, "PatientID", "")), str(ds.get("Modality", "")),
@@ -145,12 +169,13 @@ def scan_site(root: Path) -> SiteScan:
     for uid, files in series_files.items():
         seg_paths = sorted(segs.pop(uid, []))
         for extra in seg_paths[1:]:
-            problems.append(FileProblem(extra, f"another SEG for series {uid}; using {seg_paths[0]}"))
+            problems.append(FileProblem(extra, f"another SEG for series {uid}; using {seg_paths[0]}", "seg-extra"))
         patient_id, modality, description = series_info[uid]
         cases.append(Case(uid, patient_id, tuple(sorted(files)), seg_paths[0] if seg_paths else None,
                           modality, description))
     for uid, paths in segs.items():
-        problems.extend(FileProblem(p, f"SEG references series {uid}, not in the folder") for p in paths)
+        problems.extend(FileProblem(p, f"SEG references series {uid}, not in the folder", "seg-orphan")
+                        for p in paths)
     cases.sort(key=lambda c: (c.patient_id, c.series_uid))
     problems.sort(key=lambda p: str(p.path))
     return SiteScan(cases, problems)

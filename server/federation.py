@@ -35,6 +35,7 @@ from .config import FederationConfig
 from .errors import FederationError
 from .journal import RoundCheckpoint, RunJournal, capture_rng, restore_rng
 from .lineage import code_version, compact_json
+from .screened_grid import ScreenedGrid
 
 __all__ = ["FederationOutcome", "run_federation"]
 
@@ -206,6 +207,7 @@ def run_federation(
     Every completed round is journaled (:mod:`server.journal`); with ``resume-run`` set, the
     run continues after the journal's last completed round instead of starting afresh.
     """
+    grid = ScreenedGrid(grid)  # no site's free text past this point: fedseg failure codes only
     spec = config.instructions.spec
     default_gates()  # a malformed $FEDSEG_GATES_FILE stops the run before any round, not after
     enrolled = _enrolled_sites()  # so does an enrolment file that does not verify

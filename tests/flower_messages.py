@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from pathlib import Path
 
 from flwr.app import Message, Metadata, RecordDict
 from flwr.app.constants import DEFAULT_TTL
+
+from imaging.failure_codes import parse_failure
 
 
 def instruction(content: RecordDict, message_type: str, *, dst_node_id: int = 1, run_id: int = 1) -> Message:
@@ -25,3 +29,18 @@ def instruction(content: RecordDict, message_type: str, *, dst_node_id: int = 1,
         dst_task_id=None,
     )
     return Message(content=content, metadata=metadata)
+
+
+def coded_failure(reply: Message, code: str, audit_file: Path | None = None) -> dict:
+    """The failure a ClientApp answered with: ``code`` and its ref, and (with ``audit_file``) the
+    site's audit line for that ref, which keeps the full text. AssertionError otherwise."""
+    assert reply.has_error(), f"expected a {code} error reply, got content {list(reply.content.keys())}"
+    parsed = parse_failure(reply.error.reason)
+    assert parsed is not None and parsed.code.code == code, reply.error.reason
+    found: dict = {"sent": reply.error.reason, "ref": parsed.ref, **parsed.values}
+    if audit_file is not None:
+        lines = [json.loads(line) for line in Path(audit_file).read_text().splitlines()]
+        (line,) = [r for r in lines if r.get("ref") == parsed.ref]
+        assert line["code"] == code and line["sent"] == reply.error.reason, line
+        found["audit"] = line
+    return found

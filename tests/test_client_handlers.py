@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flower_messages import instruction
+from flower_messages import coded_failure, instruction
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
 from aggregation.replies import read_reply
@@ -96,16 +96,17 @@ def test_node_config_without_data_dir_is_a_clear_error(tmp_path: Path) -> None:
         site_from_node_config({"data-dir": str(tmp_path / "missing")})
 
 
-def test_bad_round_config_is_refused_before_training(synthetic_sites: list[Path]) -> None:
-    from imaging.errors import ConfigError
-
+def test_bad_round_config_is_refused_before_training(synthetic_sites: list[Path], fedseg_home: Path) -> None:
     app = create_client_app(PartitionSites(tuple(synthetic_sites)))
     message = instruction(
         RecordDict({"arrays": ArrayRecord(build_unet(SPEC).state_dict()), "config": ConfigRecord({"local-epochs": 1})}),
         MessageType.TRAIN,
     )
-    with pytest.raises(ConfigError, match="round config lacks 'model-spec'"):
-        app(message, _context({"partition-id": 0}))
+    reply = app(message, _context({"partition-id": 0}))
+    # the coordinator learns the code; the site's audit log keeps what was wrong
+    failure = coded_failure(reply, "FEDSEG-ROUND-001", fedseg_home / "audit" / f"{synthetic_sites[0].name}.jsonl")
+    assert "round config lacks 'model-spec'" in failure["audit"]["reason"]
+    assert failure["audit"]["event"] == "failure" and failure["audit"]["error"] == "ConfigError"
 
 
 def test_site_cache_serves_later_rounds_and_notices_a_changed_series(tmp_path: Path) -> None:

@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from flower_messages import coded_failure, instruction
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from local_grid import LocalGrid
 
@@ -18,9 +25,15 @@ from client.app import create_client_app
 from client.site import PartitionSites
 from imaging.dicom_seg import write_seg
 from imaging.dicom_write import write_series
+from imaging.failure_codes import (FAILURE_CODES, PROBLEM_KINDS, UnsafeFailureValue, new_failure_ref, parse_failure,
+                                   render_failure, rule_name)
+from imaging.instructions import RoundInstructions
+from imaging.model import build_unet
+from imaging.spec import ModelSpec
 from registry import default_store
 from server.config import FederationConfig
 from server.federation import run_federation
+from server.screened_grid import ScreenedGrid, screen_error
 from simulation.engine import default_app_dir, fused_run_config
 from simulation.synthetic import phantom, site_params
 
@@ -33,9 +46,13 @@ def _date_variants(yyyymmdd: str) -> list[str]:
     return [yyyymmdd, f"{y}-{m}-{d}", f"{d}.{m}.{y}", f"{m}/{d}/{y}", f"{d}/{m}/{y}"]
 
 
-def _write_phi_site(root: Path, s: int, patients: int = 4, slices: int = 8) -> tuple[Path, set[str]]:
-    """A hospital folder of real DICOM (series + SEG) full of distinctive identifying values."""
-    site = root / f"hospital-{'abc'[s]}"
+def _write_phi_site(root: Path, s: int, patients: int = 4, slices: int = 8,
+                    folder_name: str | None = None) -> tuple[Path, set[str]]:
+    """A hospital folder of real DICOM (series + SEG) full of distinctive identifying values.
+
+    The folder is ``hospital-a`` (b, c, ...) or ``folder_name``; inside, ``<PatientID>/<StudyUID>/``.
+    """
+    site = root / (folder_name or f"hospital-{'abcdef'[s]}")
     params = site_params(s, size=32, seed=11)
     phi: set[str] = set()
     for i in range(patients):
@@ -100,8 +117,9 @@ def test_no_identifying_dicom_value_leaves_a_site(tmp_path: Path, fedseg_home: P
     wire = []
     for reply in grid.replies:
         wire.append(repr(reply.metadata))
-        if reply.has_error():
-            assert "requires DP" in reply.error.reason
+        if reply.has_error():  # a code naming the rule; the policy file's path stays at the site
+            assert reply.error.reason.startswith("FEDSEG-POLICY-001: refused by site policy rule [privacy] "
+                                                 "require_dp; ref "), reply.error.reason
             wire.append(reply.error.reason)
         wire.extend(obj.deflate().decode("latin-1") for obj in get_all_nested_objects(reply).values())
     assert "hospital-a" in "".join(wire)  # the search reaches inside the serialized records
@@ -132,3 +150,183 @@ def test_no_identifying_dicom_value_leaves_a_site(tmp_path: Path, fedseg_home: P
     for site in ("hospital-a", "hospital-b", "hospital-c"):
         audit = (fedseg_home / "audit" / f"{site}.jsonl").read_text()
         assert _leaks(audit, phi) == [], site
+
+
+# ------------------------------------------------------------------ failure paths
+# Planted values an exception's text could carry out of a site: paths named by patient and study,
+# UIDs, names, institutions. Built at run time, so that no source file (the app package that the
+# SuperLink stores holds this one) contains them.
+def _planted(tag: str) -> dict[str, str]:
+    return {
+        "patient_name": f"Quokkafeld{tag}^Zenobia", "patient_id": f"MRN{tag}4471",
+        "study_uid": f"1.2.826.0.1.3680043.9.7731.{int(tag, 16)}.1", "institution": f"St Wombatsby {tag} Infirmary",
+        "path": f"/data/pacs-export/MRN{tag}4471/1.2.826.0.1.3680043.9.7731.{int(tag, 16)}.1/IM0001.dcm",
+    }
+
+
+_GOOD_VALUES = {"_Count": 3, "_Number": 1.5, "_Rule": "privacy.require_dp"}
+
+
+def _good_value(kind: object) -> object:
+    name = type(kind).__name__
+    if name == "_Label":
+        return kind.words[0]
+    if name == "_LabelCounts":
+        return {kind.words[0]: 2}
+    return _GOOD_VALUES[name]
+
+
+def test_every_failure_template_renders_only_allow_listed_values() -> None:
+    planted = list(_planted("C0FFEE").values())
+    ref = new_failure_ref()
+    for code in FAILURE_CODES.values():
+        good = {name: _good_value(kind) for name, kind in code.fields.items()}
+        text = code.render(ref=ref, **good)
+        parsed = parse_failure(text)
+        assert parsed is not None and parsed.code is code and parsed.ref == ref, text
+        assert text.startswith(f"{code.code}: ") and text.endswith(f"; ref {ref}")
+        for name, kind in code.fields.items():
+            wrong = [*planted, {planted[1]: 1}, float("nan"), True, -1, None]
+            for bad in wrong:
+                if type(kind).__name__ == "_Number" and bad == -1:
+                    continue  # a negative number is a number
+                with pytest.raises(UnsafeFailureValue):
+                    code.render(ref=ref, **{**good, name: bad})
+        with pytest.raises(UnsafeFailureValue):  # the ref is random hex, never a value
+            code.render(ref=planted[1], **good)
+        with pytest.raises(UnsafeFailureValue):  # no field a template does not name
+            code.render(ref=ref, **good, detail=planted[0])
+        # the coordinator's parser accepts the rendered text only, not an edited one
+        assert parse_failure(text.replace(f"; ref {ref}", f" {planted[1]}; ref {ref}")) is None
+        assert parse_failure(f"{text} {planted[0]}") is None
+    # rule names: any [section] key the policy may grow, in either spelling, and nothing else
+    assert rule_name("privacy.min_noise_multiplier") == "[privacy] min_noise_multiplier"
+    assert rule_name("[evaluation] max_evaluations") == "[evaluation] max_evaluations"
+    assert rule_name("apps") == "[apps]"
+    for bad in ("privacy.require_dp; MRN4471", "[Privacy] require_dp", "a.b.c", ""):
+        with pytest.raises(UnsafeFailureValue):
+            rule_name(bad)
+
+
+def test_every_failure_code_is_documented_for_hospital_it() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [code for code in FAILURE_CODES if f"`{code}`" not in readme]
+    assert missing == [], f"README's failure-code table lacks {missing}"
+
+
+def test_problem_kinds_are_the_template_vocabulary(tmp_path: Path) -> None:
+    from imaging.errors import (DicomReadError, NotDicomError, SegmentAlignmentError, SegmentationError,
+                                SeriesError, UnsupportedTransferSyntaxError)
+    from imaging.site_folder import problem_kind, scan_site
+
+    for exc in (DicomReadError("x"), NotDicomError("x"), SegmentAlignmentError("x"), SegmentationError("x"),
+                SeriesError("x"), UnsupportedTransferSyntaxError("x")):
+        assert problem_kind(exc) in PROBLEM_KINDS
+    (tmp_path / "MRN1.dcm").write_bytes(b"not dicom")
+    (problem,) = scan_site(tmp_path).problems
+    assert problem.kind == "not-dicom" and "MRN1.dcm" in problem.reason  # the text stays at the site
+
+
+class _Answer500(BaseHTTPRequestHandler):
+    """A PACS that answers every request with HTTP 500 and identifying text in the body."""
+
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.send_response(500)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def _pacs_answering_500(body: str) -> Iterator[str]:
+    handler = type("Answer500", (_Answer500,), {"body": body.encode()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _round_message(kind: str, **overrides: object) -> Message:
+    config = RoundInstructions(spec=ModelSpec(channels=(8, 16), image_size=32), batch_size=8, **overrides).to_config()
+    config["server-round"] = 1
+    return instruction(RecordDict({"arrays": ArrayRecord(build_unet(ModelSpec(channels=(8, 16), image_size=32))
+                                                         .state_dict()),
+                                   "config": ConfigRecord(config)}), kind)
+
+
+def test_each_failure_leaves_a_site_as_its_code_and_its_text_stays_in_the_audit_log(
+    tmp_path: Path, fedseg_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ClientApp's edge in process, one failure of each kind, PHI planted in each text."""
+    values = _planted("5EED")
+    good, site_phi = _write_phi_site(tmp_path / "sites", 0, patients=3, folder_name=values["institution"])
+    phi = set(values.values()) | site_phi
+    app = create_client_app()
+    unreadable = tmp_path / "sites" / f"{values['institution']} export"
+    (unreadable / values["patient_id"]).mkdir(parents=True)
+    (unreadable / values["patient_id"] / f"{values['study_uid']}.dcm").write_bytes(b"\x00" * 300)
+    strict = tmp_path / values["patient_id"] / "policy.toml"  # a refusal's text names the policy file
+    strict.parent.mkdir()
+    strict.write_text("[privacy]\nrequire_dp = true\n")
+
+    def run(name: str, node_config: dict, kind: str = MessageType.TRAIN) -> Message:
+        context = Context(run_id=9, node_id=1, state=RecordDict(), run_config={},
+                          node_config={"site-name": name, "cache-dir": "none", **node_config})
+        return app(_round_message(kind), context)
+
+    with _pacs_answering_500(f"no study {values['study_uid']} for {values['patient_name']}") as pacs:
+        replies = {
+            "FEDSEG-DATA-001": run("h-unreadable", {"data-dir": str(unreadable)}),
+            "FEDSEG-PACS-002": run("h-pacs", {"pacs-url": f"{pacs}/{values['patient_id']}/dicom-web"}),
+            "FEDSEG-POLICY-001": run("h-strict", {"data-dir": str(good), "policy-file": str(strict)}),
+            "FEDSEG-SITE-001": run("h-gone", {"data-dir": values["path"]}),
+        }
+    # a crash in training: whatever it says stays at the site
+    monkeypatch.setattr("client.handlers.train_epochs",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError(f"CUDA error in {values['path']}")))
+    replies["FEDSEG-INTERNAL"] = run("h-crash", {"data-dir": str(good)})
+
+    for code, reply in replies.items():
+        name = {"FEDSEG-DATA-001": "h-unreadable", "FEDSEG-PACS-002": "h-pacs", "FEDSEG-POLICY-001": "h-strict",
+                "FEDSEG-SITE-001": "h-gone", "FEDSEG-INTERNAL": "h-crash"}[code]
+        audit = fedseg_home / "audit" / f"{name}.jsonl"
+        failure = coded_failure(reply, code, audit if audit.exists() else None)
+        assert _leaks(failure["sent"], phi) == [], failure["sent"]
+        if code != "FEDSEG-SITE-001":  # no site, no audit log: the site's log has it (below)
+            assert _leaks(failure["audit"]["reason"], phi), failure["audit"]  # the full text is kept
+    assert replies["FEDSEG-PACS-002"].error.reason.startswith("FEDSEG-PACS-002: the PACS answered HTTP 500; ref ")
+    assert coded_failure(replies["FEDSEG-DATA-001"], "FEDSEG-DATA-001")["problems"] == {"not-dicom": 1}
+
+
+def test_the_coordinator_withholds_error_text_that_is_not_a_failure_code(tmp_path: Path) -> None:
+    """A site running some other ClientApp sends an exception's text: no log or journal sees it."""
+    values = _planted("BADA")
+    raw = ClientApp()
+
+    @raw.train()
+    def train(message: Message, context: Context) -> Message:
+        raise RuntimeError(f"cannot read {values['path']} of {values['patient_name']}")
+
+    grid = LocalGrid(raw, 2)
+    screened = ScreenedGrid(grid)
+    coded = render_failure("FEDSEG-DATA-002", ref=new_failure_ref(), role="training", patients=1)
+    messages = [screened.create_message(RecordDict(), MessageType.TRAIN, node, "1") for node in screened.get_node_ids()]
+    replies = list(screened.send_and_receive(messages))
+    assert len(replies) == 2
+    for reply in replies:
+        assert reply.error.reason == "Flower UNKNOWN: reason withheld (not a fedseg failure code)"
+    raw_text = f"RuntimeError: cannot read {values['path']}"
+    assert screen_error(Error(code=2, reason=raw_text)).reason == (
+        "Flower CLIENT_APP_RAISED_EXCEPTION: reason withheld (not a fedseg failure code)")
+    kept = screen_error(Error(code=2, reason=coded))
+    assert kept.reason == coded  # a fedseg failure code passes as it is

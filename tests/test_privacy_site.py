@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from flower_messages import instruction
+from flower_messages import coded_failure, instruction
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
 from client.app import create_client_app
 from client.cli import site as site_cli
-from client.errors import PolicyError, PolicyViolation
+from client.errors import PolicyError
 from client.policy import load_policy
 from imaging.instructions import RoundInstructions
 from imaging.model import build_unet
 from imaging.spec import ModelSpec
-from privacy import BudgetExceededError, PrivacyLedger
+from privacy import PrivacyLedger
 
 pytestmark = pytest.mark.privacy
 SPEC = ModelSpec(channels=(8, 16), image_size=32)
@@ -67,17 +67,21 @@ def test_dp_round_reports_epsilon_and_records_the_ledger(site_dir: Path, fedseg_
 def test_over_budget_round_is_refused_naming_the_remaining_budget(site_dir: Path, fedseg_home: Path) -> None:
     first = _train(site_dir, dp=True, noise_multiplier=1.0).content["metrics"]["epsilon"]
     (site_dir / "policy.toml").write_text(f"[privacy]\nrequire_dp = true\nepsilon_budget = {first * 1.2:.6f}\n")
-    with pytest.raises(BudgetExceededError, match="remaining budget"):
-        _train(site_dir, server_round=2, dp=True, noise_multiplier=1.0)
+    refused = coded_failure(_train(site_dir, server_round=2, dp=True, noise_multiplier=1.0), "FEDSEG-PRIVACY-001",
+                            fedseg_home / "audit" / "h1.jsonl")
+    assert refused["rule"] == "[privacy] epsilon_budget" and refused["budget"] == pytest.approx(first * 1.2, rel=1e-3)
+    assert refused["projected"] > refused["budget"] and "remaining budget" in refused["audit"]["reason"]
     assert len(PrivacyLedger(fedseg_home / "ledgers" / "h1.json").entries("site")) == 1  # nothing spent
 
 
-def test_policy_rules_are_enforced_and_named(site_dir: Path, tmp_path: Path) -> None:
+def test_policy_rules_are_enforced_and_named(site_dir: Path, tmp_path: Path, fedseg_home: Path) -> None:
     (site_dir / "policy.toml").write_text("[privacy]\nrequire_dp = true\n[training]\nmax_local_epochs = 1\n")
-    with pytest.raises(PolicyViolation, match="requires DP"):
-        _train(site_dir)
-    with pytest.raises(PolicyViolation, match="at most 1 local epochs"):
-        _train(site_dir, dp=True, noise_multiplier=1.0, local_epochs=2)
+    audit = fedseg_home / "audit" / "h1.jsonl"
+    refused = coded_failure(_train(site_dir), "FEDSEG-POLICY-001", audit)
+    assert refused["rule"] == "[privacy] require_dp" and "requires DP" in refused["audit"]["reason"]
+    refused = coded_failure(_train(site_dir, dp=True, noise_multiplier=1.0, local_epochs=2), "FEDSEG-POLICY-001", audit)
+    assert refused["rule"] == "[training] max_local_epochs"
+    assert "at most 1 local epochs" in refused["audit"]["reason"]
     bad = tmp_path / "bad.toml"
     bad.write_text("[privacy]\nepsilon_budjet = 3\n")
     with pytest.raises(PolicyError, match="unknown key"):

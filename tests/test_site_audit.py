@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from flower_messages import instruction
+from flower_messages import coded_failure, instruction
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
 from client.app import create_client_app
 from client.audit import AuditLog, line_hash, verify_audit_log
 from client.cli import site as site_cli
-from client.errors import AuditError, PolicyViolation
+from client.errors import AuditError
 from imaging.instructions import RoundInstructions
 from imaging.model import build_unet
 from imaging.spec import ModelSpec
@@ -158,8 +158,9 @@ def test_the_client_app_audits_runs_rounds_data_access_and_refusals(synthetic_si
     reply = app(_message(MessageType.TRAIN, 1), context)
     app(_message(MessageType.EVALUATE, 1), context)
     (site / "policy.toml").write_text("[training]\nmax_local_epochs = 1\n")
-    with pytest.raises(PolicyViolation):
-        app(_message(MessageType.TRAIN, 2, local_epochs=3), context)
+    refused = coded_failure(app(_message(MessageType.TRAIN, 2, local_epochs=3), context), "FEDSEG-POLICY-001",
+                            audit_file)
+    assert refused["rule"] == "[training] max_local_epochs"
 
     records = AuditLog(audit_file).records()
     events = [(r["event"], r.get("kind")) for r in records]
@@ -183,6 +184,7 @@ def test_the_client_app_audits_runs_rounds_data_access_and_refusals(synthetic_si
     refusal = records[-1]
     assert refusal["rule"] == "training.max_local_epochs" and refusal["round"] == 2
     assert "at most 1 local epochs" in refusal["reason"]
+    assert refusal["code"] == "FEDSEG-POLICY-001" and refusal["sent"] == refused["sent"]
 
     assert verify_audit_log(audit_file).ok
     shown = CliRunner().invoke(site_cli, ["audit", "show", "--audit-file", str(audit_file),

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flower_messages import instruction
+from flower_messages import coded_failure, instruction
 from tiny_app import write_tiny_app
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 from flwr.cli.build import build_fab_from_disk
@@ -141,9 +141,10 @@ def site_dir(synthetic_sites: list[Path], tmp_path: Path) -> Path:
 def test_client_app_refuses_an_app_not_on_the_allow_list_before_reading_data(site_dir: Path,
                                                                              fedseg_home: Path) -> None:
     (site_dir / "policy.toml").write_text(f'[apps]\nallowed_hashes = ["sha256:{"0" * 64}"]\n')
-    with pytest.raises(PolicyViolation, match=r"does not allow this app \(\[apps\] allowed_hashes\)") as refused:
-        _call(site_dir, MessageType.TRAIN)
-    assert refused.value.rule == "apps.allowed_hashes"
+    refused = coded_failure(_call(site_dir, MessageType.TRAIN), "FEDSEG-POLICY-001", fedseg_home / "audit" / "h1.jsonl")
+    assert refused["rule"] == "[apps] allowed_hashes"  # the rule leaves the site, the app's hashes stay
+    assert refused["audit"]["rule"] == "apps.allowed_hashes"
+    assert "does not allow this app ([apps] allowed_hashes)" in refused["audit"]["reason"]
     records = AuditLog(fedseg_home / "audit" / "h1.jsonl").records()
     assert [r["event"] for r in records] == ["run", "round-start", "refusal"]  # no data access
     app = records[0]["app"]
@@ -167,6 +168,7 @@ def test_metrics_policy_drops_keys_or_refuses_without_the_weight(site_dir: Path,
     assert result["dropped_metrics"] == ["dice-intersection", "dice-predicted", "dice-truth", "eval-loss"]
 
     (site_dir / "policy.toml").write_text('[metrics]\nallowed = ["dice"]\n')
-    with pytest.raises(PolicyViolation, match=r"\['num-examples'\].*\[metrics\] allowed") as refused:
-        _call(site_dir, MessageType.EVALUATE, server_round=2)
-    assert refused.value.rule == "metrics.allowed"
+    refused = coded_failure(_call(site_dir, MessageType.EVALUATE, server_round=2), "FEDSEG-POLICY-001",
+                            fedseg_home / "audit" / "h1.jsonl")
+    assert refused["rule"] == "[metrics] allowed"
+    assert "['num-examples']" in refused["audit"]["reason"]

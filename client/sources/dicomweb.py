@@ -293,13 +293,14 @@ class DicomWebSource:
             raise PacsAuthError(
                 f"the PACS at {self.url} refused the node's credentials (HTTP "
                 f"{response.status_code} on {response.request.url.path}): check {ENV_USERNAME} "
-                f"and {ENV_PASSWORD} (or {ENV_TOKEN}) in the SuperNode's environment"
+                f"and {ENV_PASSWORD} (or {ENV_TOKEN}) in the SuperNode's environment",
+                status=response.status_code,
             )
         if response.status_code >= 400:
             response.read()
             raise PacsError(f"the PACS at {self.url} answered HTTP {response.status_code} to "
                             f"{response.request.method} {response.request.url.path}: "
-                            f"{response.text[:200]}")
+                            f"{response.text[:200]}", status=response.status_code)
 
     def _get_json(self, client: httpx.Client, path: str, params: dict[str, Any]) -> list[dict]:
         response = client.get(path, params=params, headers={"Accept": "application/dicom+json"})
