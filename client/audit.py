@@ -9,14 +9,16 @@ leaves a valid shorter chain: ship the head (``seq`` and ``hash``, printed by ``
 somewhere the node cannot rewrite (syslog, a ticket) and compare with ``--expect-head``.
 
 Events written by the ClientApp (aggregate facts and hashes only, never a name, an ID or a
-path of a patient's file):
+path of a patient's file, except in the ``reason`` of a refusal or failure, which is the full
+text of the error: the audit log is the site's own and is never sent):
 
 ``run``          first message of a run: run id, the app's identity, the policy in force
 ``round-start``  a train or evaluate message arrives: run, round, what it asks for
 ``data-access``  the site's data was read: manifest SHA-256, series, slices (train/test)
 ``round-result`` the reply sent: the metric values that left the site, keys dropped by policy
-``refusal``      the policy refused the round: the rule and the reason sent back
-``failure``      the round failed for another reason (the error type and message)
+``refusal``      the policy refused the round: the rule, the ``code``/``ref``/``sent`` text that
+                 left (``client.failures``) and the full ``reason``
+``failure``      the round failed for another reason: the error type, code, ref, sent, reason
 ``app-identified`` the app's hashes, when the policy came to restrict apps during a run
 ``admitted``     a message passed every check and is about to read data: run, round, kind and
                  ``count``, its ordinal among the run's messages of that kind (the policy's

@@ -238,7 +238,7 @@ FAILURE_CODES: Mapping[str, FailureCode] = {c.code: c for c in (
           "site IT: `fedseg site ledger verify`; restore the ledger from backup", rule=RULE),
     _code("FEDSEG-SITE-001", "the node's site configuration is invalid",
           "site.toml or the node config names no usable data source or settings",
-          "site IT: `fedseg site check --site-config ...`"),
+          "site IT: `fedseg site check --config site.toml`"),
     _code("FEDSEG-AUDIT-001", "the site's audit log cannot be written or its hash chain is broken",
           "the site refuses to work without its audit trail",
           "site IT: `fedseg site audit verify`; free disk space or restore the file"),

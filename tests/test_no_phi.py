@@ -5,6 +5,7 @@ sites' patient names, IDs, birth and study dates, UIDs, institutions and accessi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -330,3 +331,141 @@ def test_the_coordinator_withholds_error_text_that_is_not_a_failure_code(tmp_pat
         "Flower CLIENT_APP_RAISED_EXCEPTION: reason withheld (not a fedseg failure code)")
     kept = screen_error(Error(code=2, reason=coded))
     assert kept.reason == coded  # a fedseg failure code passes as it is
+
+
+# ------------------------------------------------------------------ over a real SuperLink
+_CRASH_IN_TRAINING = '''\
+"""Fault injection for tests/test_no_phi.py: this node's training crashes with $PHI_CRASH_MESSAGE."""
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+
+class _CrashTraining(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "imaging.training":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+
+            def train_epochs(*args, **kwargs):
+                raise RuntimeError(os.environ["PHI_CRASH_MESSAGE"])
+
+            module.train_epochs = train_epochs
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _CrashTraining())
+'''
+
+
+def _break_site(site: Path) -> None:
+    """Patient 1's series re-saved 4 pixels smaller (its SEG no longer fits: seg-misaligned);
+    patient 2's images overwritten with bytes that are not DICOM (not-dicom; its SEG: seg-orphan)."""
+    patients = sorted(p for p in site.iterdir() if p.is_dir())
+    for path in patients[0].rglob("series/*"):
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array[:-4, :-4].copy()
+        ds.Rows, ds.Columns = pixels.shape
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(path)
+    for path in patients[1].rglob("series/*"):
+        path.write_bytes(b"\x00not a DICOM file " + path.name.encode() * 20)
+
+
+def _site_config(configs: Path, name: str, source: str, extra: str = "") -> Path:
+    path = configs / name / "site.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'[site]\nname = "{name}"\n{extra}\n[source]\n{source}\n')
+    return path
+
+
+@pytest.mark.adversarial
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_failures_at_four_sites_leave_nothing_identifying_at_the_coordinator(tmp_path: Path) -> None:
+    """One real run, five SuperNodes: one healthy site and four that fail, each with identifying
+    values in its error's text. The SuperLink's database, every coordinator log, the journal and
+    the MLflow store are searched byte for byte; the failing sites' audit logs must hold the text."""
+    from deployment_harness import Deployment
+
+    sites, configs = tmp_path / "sites", tmp_path / "site-configs"
+    ok, phi = _write_phi_site(sites, 0, folder_name="St Wombatsby Infirmary 0")
+    # unreadable files and a misaligned SEG (the folder is named as a hospital names it)
+    broken, values = _write_phi_site(sites, 1, patients=2, folder_name="St Wombatsby Infirmary 1")
+    phi |= values
+    _break_site(broken)
+    strict, values = _write_phi_site(sites, 2, folder_name="St Wombatsby Infirmary 2")
+    phi |= values
+    (strict / "policy.toml").write_text("[privacy]\nrequire_dp = true\n")
+    crash, values = _write_phi_site(sites, 3, folder_name="St Wombatsby Infirmary 3")
+    phi |= values
+    crash_file = next(crash.rglob("series/*"))
+    crash_message = f"CUDA error: an illegal memory access reading {crash_file}"
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_CRASH_IN_TRAINING)
+    pacs_values = _planted("BAC5")
+    phi |= set(pacs_values.values())
+    pacs_body = f"query failed for {pacs_values['patient_name']} ({pacs_values['patient_id']}) {pacs_values['path']}"
+
+    failing = {"hospital-broken": "FEDSEG-DATA-001", "hospital-pacs": "FEDSEG-PACS-002",
+               "hospital-strict": "FEDSEG-POLICY-001", "hospital-crash": "FEDSEG-INTERNAL"}
+    with _pacs_answering_500(pacs_body) as pacs, Deployment.start(tmp_path / "federation") as dep:
+        dep.add_site("hospital-ok", _site_config(configs, "hospital-ok", f'kind = "folder"\npath = "{ok}"'))
+        dep.add_site("hospital-broken", _site_config(configs, "hospital-broken", f'kind = "folder"\npath = "{broken}"'))
+        dep.add_site("hospital-strict", _site_config(configs, "hospital-strict", f'kind = "folder"\npath = "{strict}"',
+                                                     f'policy_file = "{strict / "policy.toml"}"'))
+        dep.add_site("hospital-pacs", _site_config(
+            configs, "hospital-pacs", f'kind = "dicomweb"\nurl = "{pacs}/{pacs_values["patient_id"]}/dicom-web"'))
+        dep.add_site("hospital-crash", _site_config(configs, "hospital-crash", f'kind = "folder"\npath = "{crash}"'),
+                     env={"PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]),
+                          "PHI_CRASH_MESSAGE": crash_message})
+        dep.wait_activated()
+        run = dep.run_app("num-server-rounds=1 min-sites=1 model-name='phi-unet' image-size=32 "
+                          "unet-channels='8,16' batch-size=8 join-timeout=120.0")
+        status = dep.run_status(run.run_id)
+        assert status["status"] == "finished:completed", f"{status}\n{run.output[-4000:]}\n{dep.logs()}"
+        coordinator_logs = run.output + dep.superlink.log()
+        site_logs = {name: node.log() for name, node in dep.supernodes.items()}
+
+    # every failure reached the coordinator, as its code
+    assert "aggregate_train: Received 1 results and 4 failures" in run.output, run.output[-4000:]
+    for site, code in failing.items():
+        assert code in run.output, (site, code, run.output[-4000:])
+    assert "refused by site policy rule [privacy] require_dp" in run.output
+    assert "reason withheld" not in run.output  # every site sent a code, none was screened out
+
+    # the search: every coordinator-side file, byte for byte (the SuperLink's database and its WAL,
+    # every process log, the `flwr run` stream, the journal, MLflow's sqlite store and artifacts)
+    coordinator = [p for p in (tmp_path / "federation").rglob("*")
+                   if p.is_file() and "sites-home" not in p.relative_to(tmp_path / "federation").parts]
+    names = {p.name for p in coordinator}
+    assert {"superlink.db", "mlflow.db", "journal.json"} <= names, sorted(names)
+    assert any("dossier" in n for n in names), sorted(names)
+    searched = {p: p.read_bytes().decode("latin-1") for p in coordinator}
+    database = "".join(text for p, text in searched.items() if p.name.startswith("superlink.db"))
+    assert all(code in database for code in failing.values())  # the error replies are in it
+    assert "hospital-broken" in "".join(searched.values())  # the search reaches what the sites sent
+    leaks = {str(p): found for p, text in searched.items() if (found := _leaks(text, phi))}
+    assert leaks == {}
+    assert _leaks(coordinator_logs, phi) == []
+
+    # ... while each failing site's own audit log (and log) kept the full failure
+    for site, code in failing.items():
+        audit = tmp_path / "federation" / "sites-home" / site / "fedseg" / "audit" / f"{site}.jsonl"
+        lines = [json.loads(line) for line in audit.read_text().splitlines()]
+        (failure,) = [r for r in lines if r.get("code") == code and r.get("kind") == "train"]
+        assert failure["event"] == ("refusal" if code == "FEDSEG-POLICY-001" else "failure"), failure
+        assert _leaks(failure["reason"], phi), failure  # the text that did not leave
+        assert failure["sent"] in run.output  # what did
+        assert failure["ref"] in site_logs[site], site_logs[site][-3000:]
+    assert crash_message in (tmp_path / "federation" / "sites-home" / "hospital-crash" / "fedseg" / "audit"
+                             / "hospital-crash.jsonl").read_text()
