@@ -10,6 +10,8 @@ the audit log has a ``refusal`` line and no data access, and nothing is reset.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,20 +19,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from flower_messages import instruction
+from flower_messages import coded_failure, instruction
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import create_client_app
 from client.audit import AuditLog, verify_audit_log
 from client.cli import site as site_cli
-from client.errors import PolicyError, PolicyViolation
+from client.errors import PolicyError
 from client.policy import load_policy
 from imaging.instructions import RoundInstructions
 from imaging.model import build_unet
 from imaging.spec import ModelSpec
 from privacy import (
-    BudgetExceededError,
-    LedgerIntegrityError,
     PrivacyLedger,
     compose_epsilon,
     verify_ledger,
@@ -83,6 +83,16 @@ def _policy(site: Path, text: str) -> None:
     (site / "policy.toml").write_text(text)
 
 
+def _refusal(reply: Message, code: str, match: str | None = None) -> dict:
+    """The audit log's refusal line behind the coded error ``reply`` (its reason matches ``match``)."""
+    audit_file = AuditLog(Path(os.environ["FEDSEG_HOME"]) / "audit" / "h1.jsonl").path
+    line = coded_failure(reply, code, audit_file)["audit"]
+    assert line["event"] == "refusal", line
+    if match is not None:
+        assert re.search(match, line["reason"]), line["reason"]
+    return line
+
+
 def _assert_refused_before_data(home: Path, before: int, rule: str) -> None:
     """The refused message left a refusal naming ``rule`` and read nothing."""
     records = _audit(home).records()
@@ -110,8 +120,8 @@ def test_renaming_the_consortium_or_the_model_does_not_reset_the_spend(site_dir:
     # (a fresh one would allow the round, since one round alone costs less than this)
     budget = second + 0.3 * (second - first)
     _policy(site_dir, f"[privacy]\nrequire_dp = true\nepsilon_budget = {budget:.6f}\n")
-    with pytest.raises(BudgetExceededError, match="remaining budget"):
-        _dp(site_dir, consortium="third-name", model_name="other", run_id=RUN + 2)
+    refused = _refusal(_dp(site_dir, consortium="third-name", model_name="other", run_id=RUN + 2),
+                       "FEDSEG-PRIVACY-001", "remaining budget")
     assert len(PrivacyLedger(_ledger(fedseg_home)).entries("site")) == 2  # nothing spent
     assert _audit(fedseg_home).records()[-1]["rule"] == "privacy.epsilon_budget"
 
@@ -140,26 +150,26 @@ def test_a_version_1_ledger_keeps_all_its_history_under_any_name(site_dir: Path,
 
 def test_noise_below_the_sites_floor_is_refused_before_any_data(site_dir: Path, fedseg_home: Path) -> None:
     _policy(site_dir, "[privacy]\nrequire_dp = true\nmin_noise_multiplier = 1.0\n")
-    with pytest.raises(PolicyViolation, match=r"\[privacy\] min_noise_multiplier") as refused:
-        _dp(site_dir, noise_multiplier=0.3)
-    assert refused.value.rule == "privacy.min_noise_multiplier"
+    refused = _refusal(_dp(site_dir, noise_multiplier=0.3),
+                       "FEDSEG-POLICY-001", r"\[privacy\] min_noise_multiplier")
+    assert refused["rule"] == "privacy.min_noise_multiplier"
     _assert_refused_before_data(fedseg_home, 1, "privacy.min_noise_multiplier")
     assert not _ledger(fedseg_home).exists()
     assert _dp(site_dir, noise_multiplier=1.0, server_round=2).content["metrics"]["epsilon"] > 0
 
     # σ derived from target-epsilon is held to the same floor (once the split's size is known)
     count = len(_audit(fedseg_home).records())
-    with pytest.raises(PolicyViolation, match=r"\[privacy\] min_noise_multiplier"):
-        _dp(site_dir, noise_multiplier=0.0, target_epsilon=200.0, server_round=3)
+    refused = _refusal(_dp(site_dir, noise_multiplier=0.0, target_epsilon=200.0, server_round=3),
+                       "FEDSEG-POLICY-001", r"\[privacy\] min_noise_multiplier")
     assert _events_since(fedseg_home, count)[-1] == "refusal"
     assert len(PrivacyLedger(_ledger(fedseg_home)).entries()) == 1  # nothing trained
 
 
 def test_epsilon_per_run_above_the_cap_is_refused(site_dir: Path, fedseg_home: Path) -> None:
     _policy(site_dir, "[privacy]\nrequire_dp = true\nmax_epsilon_per_run = 5.0\n")
-    with pytest.raises(PolicyViolation, match=r"\[privacy\] max_epsilon_per_run") as refused:
-        _dp(site_dir, noise_multiplier=0.0, target_epsilon=50.0)
-    assert refused.value.rule == "privacy.max_epsilon_per_run"
+    refused = _refusal(_dp(site_dir, noise_multiplier=0.0, target_epsilon=50.0),
+                       "FEDSEG-POLICY-001", r"\[privacy\] max_epsilon_per_run")
+    assert refused["rule"] == "privacy.max_epsilon_per_run"
     _assert_refused_before_data(fedseg_home, 1, "privacy.max_epsilon_per_run")
 
     _policy(site_dir, "[privacy]\nrequire_dp = true\n")
@@ -167,13 +177,13 @@ def test_epsilon_per_run_above_the_cap_is_refused(site_dir: Path, fedseg_home: P
     # the coming round would take this run above a cap between one round and two: refused
     # before training, nothing recorded (the split's size decides this round's ε)
     _policy(site_dir, f"[privacy]\nrequire_dp = true\nmax_epsilon_per_run = {first * 1.2:.6f}\n")
-    with pytest.raises(PolicyViolation, match="above the .* the site allows per run"):
-        _dp(site_dir, noise_multiplier=1.0, server_round=2)
+    refused = _refusal(_dp(site_dir, noise_multiplier=1.0, server_round=2),
+                       "FEDSEG-POLICY-001", "above the .* the site allows per run")
     # a run that has spent its cap is refused before any data is read
     _policy(site_dir, f"[privacy]\nrequire_dp = true\nmax_epsilon_per_run = {first:.6f}\n")
     count = len(_audit(fedseg_home).records())
-    with pytest.raises(PolicyViolation, match="this run has spent"):
-        _dp(site_dir, noise_multiplier=1.0, server_round=3)
+    refused = _refusal(_dp(site_dir, noise_multiplier=1.0, server_round=3),
+                       "FEDSEG-POLICY-001", "this run has spent")
     _assert_refused_before_data(fedseg_home, count, "privacy.max_epsilon_per_run")
     assert len(PrivacyLedger(_ledger(fedseg_home)).entries()) == 1
     # another run starts its own per-run allowance (the total budget is epsilon_budget's job)
@@ -186,8 +196,8 @@ def test_more_train_rounds_than_the_policy_allows_are_refused(site_dir: Path, fe
     _call(site_dir, server_round=1)
     _call(site_dir, server_round=1)  # a resent round counts too: it reads and trains again
     count = len(_audit(fedseg_home).records())
-    with pytest.raises(PolicyViolation, match=r"at most 2 train messages per run \(\[privacy\] max_rounds\)"):
-        _call(site_dir, server_round=2)
+    refused = _refusal(_call(site_dir, server_round=2),
+                       "FEDSEG-POLICY-001", r"at most 2 train messages per run \(\[privacy\] max_rounds\)")
     _assert_refused_before_data(fedseg_home, count, "privacy.max_rounds")
     assert _call(site_dir, server_round=1, run_id=RUN + 1).content["metrics"]["num-examples"] > 0
 
@@ -202,14 +212,13 @@ def test_more_evaluations_than_the_policy_allows_are_refused_across_processes(si
     script = (
         "import sys; sys.path.insert(0, 'tests'); import test_privacy_budget as t;"
         "from flwr.app import MessageType;"
-        "from client.errors import PolicyViolation\n"
-        "try:\n    t._call(__import__('pathlib').Path(sys.argv[1]), MessageType.EVALUATE, server_round=3)\n"
-        "except PolicyViolation as exc:\n    print('REFUSED', exc.rule); raise SystemExit(3)\n"
+        "reply = t._call(__import__('pathlib').Path(sys.argv[1]), MessageType.EVALUATE, server_round=3)\n"
+        "if reply.has_error():\n    print('REFUSED', reply.error.reason); raise SystemExit(3)\n"
     )
     fresh = subprocess.run([sys.executable, "-c", script, str(site_dir)], capture_output=True, text=True,
                            timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert fresh.returncode == 3, fresh.stderr[-2000:]
-    assert "REFUSED privacy.max_evaluations" in fresh.stdout
+    assert "REFUSED FEDSEG-POLICY-001: refused by site policy rule [privacy] max_evaluations" in fresh.stdout
     _assert_refused_before_data(fedseg_home, count, "privacy.max_evaluations")
     assert "[privacy] max_evaluations" in _audit(fedseg_home).records()[-1]["reason"]
 
@@ -218,9 +227,8 @@ def test_training_without_dp_is_refused_under_require_dp(site_dir: Path, fedseg_
     _policy(site_dir, "[privacy]\nrequire_dp = true\n")
     for overrides in ({}, {"local_norm": True}, {"proximal_mu": 0.1}):
         count = len(_audit(fedseg_home).records())
-        with pytest.raises(PolicyViolation, match=r"\[privacy\] require_dp") as refused:
-            _call(site_dir, **overrides)
-        assert refused.value.rule == "privacy.require_dp"
+        refused = _refusal(_call(site_dir, **overrides), "FEDSEG-POLICY-001", r"\[privacy\] require_dp")
+        assert refused["rule"] == "privacy.require_dp"
         _assert_refused_before_data(fedseg_home, count if count else 1, "privacy.require_dp")
     assert not _ledger(fedseg_home).exists()
 
@@ -298,13 +306,13 @@ def test_a_deleted_or_rolled_back_ledger_is_refused_never_reset(site_dir: Path, 
     tampered = path.read_text() if path.exists() else None
 
     count = len(_audit(fedseg_home).records())
-    with pytest.raises(LedgerIntegrityError, match=message) as refused:
-        _dp(site_dir, server_round=3)
-    assert str(site_dir) not in str(refused.value) and str(fedseg_home) not in str(refused.value)
+    refused = _refusal(_dp(site_dir, server_round=3), "FEDSEG-PRIVACY-004", message)
+    assert str(site_dir) not in refused["reason"] and str(fedseg_home) not in refused["reason"]
     _assert_refused_before_data(fedseg_home, count, "privacy.ledger")
     assert (path.read_text() if path.exists() else None) == tampered  # left as found, not reset
-    with pytest.raises(LedgerIntegrityError):  # and again: the refusal does not wear off
-        _dp(site_dir, server_round=3, run_id=RUN + 1)
+    # and again: the refusal does not wear off
+    refused = _refusal(_dp(site_dir, server_round=3, run_id=RUN + 1),
+                       "FEDSEG-PRIVACY-004", None)
 
     shown = CliRunner().invoke(site_cli, ["ledger", "verify", "--site-name", "h1"])
     assert shown.exit_code == 1 and "REFUSED" in shown.output and message in shown.output
@@ -323,8 +331,8 @@ def test_ledger_verify_reports_a_sound_ledger_and_only_the_current_state_is_acce
     assert shown.exit_code == 0 and shown.output.startswith("OK") and "2 anchors" in shown.output
 
     _ledger(fedseg_home).write_text(backup)  # an older backup is a rollback: refused
-    with pytest.raises(LedgerIntegrityError, match="holds 1 entries, fewer than the 2"):
-        _dp(site_dir, server_round=3)
+    refused = _refusal(_dp(site_dir, server_round=3),
+                       "FEDSEG-PRIVACY-004", "holds 1 entries, fewer than the 2")
     _ledger(fedseg_home).write_text(current)  # the current state restored: rounds go on
     reply = _dp(site_dir, server_round=3)
     assert len(PrivacyLedger(_ledger(fedseg_home)).entries()) == 3
