@@ -18,8 +18,10 @@ package's hashes, never the policy's path or anything else of the site.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from imaging.failure_codes import new_failure_ref, render_failure
 
 from .app_trust import AppIdentity, fab_bytes_identity
 from .audit import AuditLog
@@ -28,8 +30,8 @@ from .policy import SitePolicy, check_app, load_policy
 
 __all__ = ["REFUSAL_CODE", "AppDecision", "AppGate", "require_app_rules"]
 
-#: The stable first word of every refusal the coordinator sees from the runner.
-REFUSAL_CODE = "app-refused"
+#: The failure code (:mod:`imaging.failure_codes`) of every refusal the coordinator sees from the runner.
+REFUSAL_CODE = "FEDSEG-APP-001"
 
 
 @dataclass(frozen=True)
@@ -46,17 +48,18 @@ class AppDecision:
     rule: str
     identity: AppIdentity
     detail: str
+    ref: str = field(default_factory=new_failure_ref)  # names the refusal in the audit log
 
     @property
     def public_reason(self) -> str:
-        """What the coordinator is told: the rule and the package's hashes."""
+        """What the coordinator is told: ``FEDSEG-APP-001`` with the rule and the package's hashes."""
         if self.allowed:
             return f"app allowed by the site policy (rule {self.rule})"
         app = self.identity
-        signed = "signed" if app.signature else "not signed"
-        return (f"{REFUSAL_CODE}: the site's runner refused this app package before running it "
-                f"(rule {self.rule}); FAB sha256 {app.fab_sha256 or 'unknown'}, "
-                f"content sha256 {app.content_sha256 or 'unknown'}, {signed}")
+        return render_failure(REFUSAL_CODE, ref=self.ref, rule=self.rule,
+                              fab_sha256=(app.fab_sha256 or "unknown").lower(),
+                              content_sha256=(app.content_sha256 or "unknown").lower(),
+                              signed="signed" if app.signature else "not signed")
 
 
 def require_app_rules(policy: SitePolicy) -> None:
@@ -91,7 +94,8 @@ class AppGate:
                              app=identity.to_record())
             else:
                 audit.append("refusal", **where, rule=decision.rule, reason=decision.detail,
-                             by="site-runner", app=identity.to_record())
+                             by="site-runner", app=identity.to_record(), code=REFUSAL_CODE,
+                             ref=decision.ref, sent=decision.public_reason)
         except AuditError as exc:  # an unrecorded decision is no decision: refuse
             return AppDecision(False, "audit", identity, f"the decision cannot be recorded: {exc}")
         return decision

@@ -53,7 +53,7 @@ PROBLEM_KINDS = (
     "seg-extra",                    # a second SEG for a series (the first is used)
     "seg-orphan",                   # a SEG whose series is not at the site
 )
-_IDENT = r"[a-z][a-z0-9_]{0,39}"
+_IDENT = r"[a-z][a-z0-9_-]{0,39}"
 _RULE = re.compile(rf"^\[(?P<section>{_IDENT})\](?: (?P<key>{_IDENT}))?$")
 _DOTTED_RULE = re.compile(rf"^(?P<section>{_IDENT})(?:\.(?P<key>{_IDENT}))?$")
 _REF = re.compile(r"^[0-9a-f]{12}$")
@@ -167,7 +167,21 @@ class _LabelCounts(_Field):
         return {word: int(n) for word, n in (part.rsplit(" ", 1) for part in text.split(", "))}
 
 
-COUNT, NUMBER, RULE = _Count(), _Number(), _Rule()
+class _Digest(_Field):
+    """A SHA-256 of something public (an app package), or ``unknown``."""
+
+    pattern = r"(?:[0-9a-f]{64}|unknown)"
+
+    def render(self, value: Any) -> str:
+        if not isinstance(value, str) or not re.fullmatch(self.pattern, value):
+            raise UnsafeFailureValue("a digest is 64 lower-case hex digits or 'unknown'")
+        return value
+
+    def parse(self, text: str) -> str:
+        return text
+
+
+COUNT, NUMBER, RULE, DIGEST = _Count(), _Number(), _Rule(), _Digest()
 
 
 # ------------------------------------------------------------------------- the catalogue
@@ -216,6 +230,14 @@ FAILURE_CODES: Mapping[str, FailureCode] = {c.code: c for c in (
           "the round asks for something the site's policy.toml forbids",
           "operator: change the run to meet the rule, or ask the site; site IT: the audit log's "
           "refusal line (same ref) has the detail", rule=RULE),
+    _code("FEDSEG-APP-001",
+          "the site's runner refused this app package before running it (rule {rule}); "
+          "FAB sha256 {fab_sha256}, content sha256 {content_sha256}, {signed}",
+          "the site's runner (`fedseg site runner`) found the package outside the policy's [apps] "
+          "rules (or no policy, or no [apps] rule): none of its code ran",
+          "operator: send the package the site approved; site IT: allow its content hash "
+          "(`fedseg site app-hash`) or its publisher's key",
+          rule=RULE, fab_sha256=DIGEST, content_sha256=DIGEST, signed=_Label(("signed", "not signed"))),
     _code("FEDSEG-POLICY-002", "the site's policy file cannot be read or holds a bad value",
           "policy.toml is malformed: the site takes part in no round until it is fixed",
           "site IT: `fedseg site check` names the problem"),

@@ -165,7 +165,7 @@ def _planted(tag: str) -> dict[str, str]:
     }
 
 
-_GOOD_VALUES = {"_Count": 3, "_Number": 1.5, "_Rule": "privacy.require_dp"}
+_GOOD_VALUES = {"_Count": 3, "_Number": 1.5, "_Rule": "privacy.require_dp", "_Digest": "ab" * 32}
 
 
 def _good_value(kind: object) -> object:

@@ -68,7 +68,7 @@ def test_the_gate_allows_a_listed_package_and_refuses_any_other_naming_the_rule(
     refused = _decide(gate, changed, run_id=8)
     assert not refused.allowed and refused.rule == "apps.allowed_hashes"
     reason = refused.public_reason
-    assert reason.startswith(f"{REFUSAL_CODE}: ") and "(rule apps.allowed_hashes)" in reason
+    assert reason.startswith(f"{REFUSAL_CODE}: ") and "(rule [apps] allowed_hashes)" in reason
     assert refused.identity.content_sha256 in reason and "not signed" in reason
     assert str(tmp_path) not in reason and "policy.toml" not in reason  # nothing of the site leaves
 
@@ -105,7 +105,7 @@ def test_the_gate_checks_a_trusted_publishers_signature_over_the_content(
     (app / "tinyapp" / "server.py").write_text("app = 'changed after signing'\n")
     tampered = _decide(gate, build_fab_from_disk(app))
     assert not tampered.allowed and tampered.rule == "apps.trusted_publishers"
-    assert tampered.public_reason.endswith(", signed")
+    assert tampered.public_reason.endswith(f", signed; ref {tampered.ref}")
 
 
 def test_the_runner_refuses_to_start_without_an_apps_rule_or_a_flower_it_can_wrap(tmp_path: Path) -> None:
@@ -262,7 +262,7 @@ def test_a_tampered_package_is_refused_before_any_of_its_code_runs(gated_site: G
     assert status["status"] != "finished:completed", f"{status}\n{run.output[-4000:]}"
     # the coordinator's log stream carries the site's error reply, naming the rule
     assert f"{REFUSAL_CODE}: the site's runner refused this app package" in run.output, run.output[-4000:]
-    assert "(rule apps.allowed_hashes)" in run.output and tampered.content_sha256 in run.output
+    assert "(rule [apps] allowed_hashes)" in run.output and tampered.content_sha256 in run.output
     assert str(gated_site.site_dir) not in run.output  # no site path leaves
 
     records = _run_records(gated_site.audit_file, run.run_id)
