@@ -13,7 +13,12 @@ from .factory import (
 )
 from .identity import SiteIdentities, trust_statement
 from .reporting import RoundReport, SiteReportingStrategy
-from .site_metrics import SiteMetrics, site_metrics, summarize_evaluation
+from .site_metrics import (
+    SiteMetrics,
+    site_metrics,
+    summarize_evaluation,
+    uncounted_sites,
+)
 from .norm_layers import norm_parameter_names, split_norm
 from .quorum import QuorumNotReachedError, QuorumStrategy
 from .validation import Rejection, ValidatingStrategy
@@ -34,6 +39,7 @@ __all__ = [
     "SiteMetrics",
     "site_metrics",
     "summarize_evaluation",
+    "uncounted_sites",
     "FEDOPT_STRATEGIES",
     "MEAN_STRATEGIES",
     "PROXIMAL_MU_KEY",

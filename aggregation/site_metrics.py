@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from imaging.metrics import DiceCounts
 from imaging.replies import EvaluateReply, SiteFacts, TrainReply
 
 from .arrays import decode_array
 from .replies import Phase, ReplyError, read_reply
 
-__all__ = ["SiteMetrics", "UPDATE_NORM", "site_metrics", "summarize_evaluation", "update_norm"]
+__all__ = ["SiteMetrics", "UPDATE_NORM", "site_metrics", "summarize_evaluation", "uncounted_sites", "update_norm"]
 
 #: The size of a site's step, computed by the coordinator (not part of the reply).
 UPDATE_NORM = "update-norm"
@@ -82,18 +83,38 @@ def site_metrics(
     return sorted(out, key=lambda s: s.site)
 
 
+def uncounted_sites(sites: Iterable[SiteMetrics]) -> list[str]:
+    """The sites whose evaluation lacks a voxel count that pooled Dice needs (a policy kept it)."""
+    return sorted(s.site for s in sites if s.evaluation().counts is None)
+
+
+def _dice_stats(dices: list[float], prefix: str = "") -> dict[str, float]:
+    if not dices:
+        return {}
+    return {f"{prefix}dice_mean": sum(dices) / len(dices), f"{prefix}dice_min": min(dices),
+            f"{prefix}dice_spread": max(dices) - min(dices)}
+
+
 def summarize_evaluation(sites: list[SiteMetrics]) -> dict[str, float]:
-    """Pooled Dice over all sites' held-out voxels, plus the mean and the worst site."""
+    """Pooled Dice over all sites' held-out voxels, plus the mean and the worst site.
+
+    Nothing is invented: ``dice_pooled`` exists only when every evaluating site sent its voxel
+    counts (:func:`uncounted_sites` names those that did not), and the mean and the worst site
+    cover the sites that sent a Dice. These are always the received (global) model's figures;
+    sites that also evaluated their personalised variant (``local-norm``) add
+    ``local_norm_dice_mean``, ``_min`` and ``_spread`` over those sites.
+    """
     if not sites:
         return {}
     replies = [s.evaluation() for s in sites]
-    dices = [r.dice for r in replies if r.dice is not None]
-    inter = sum(r.dice_intersection or 0.0 for r in replies)
-    denom = sum((r.dice_predicted or 0.0) + (r.dice_truth or 0.0) for r in replies)
     summary = {"sites": float(len(sites))}
-    if dices:
-        summary["dice_mean"] = sum(dices) / len(dices)
-        summary["dice_min"] = min(dices)
-        summary["dice_spread"] = max(dices) - min(dices)
-    summary["dice_pooled"] = 1.0 if denom == 0 else 2.0 * inter / denom
+    summary.update(_dice_stats([r.dice for r in replies if r.dice is not None]))
+    counts = [r.counts for r in replies]
+    if all(c is not None for c in counts):  # pooled over every site, or not at all
+        pooled = DiceCounts()
+        for c in counts:
+            pooled = pooled.merge(c)  # type: ignore[arg-type]
+        summary["dice_pooled"] = pooled.dice
+    summary.update(_dice_stats([r.local_norm_dice for r in replies if r.local_norm_dice is not None],
+                               "local_norm_"))
     return summary

@@ -23,7 +23,7 @@ from imaging.instructions import RoundInstructions
 from imaging.replies import ARRAYS_RECORD, METRICS_RECORD, SITE_RECORD, EvaluateReply, SiteFacts, TrainReply
 from imaging.model import load_state_dict, select_device
 from imaging.site_data import SiteDataset
-from imaging.training import autocast_dtype, evaluate, train_epochs
+from imaging.training import EvalResult, autocast_dtype, evaluate, train_epochs
 
 from .app_trust import AppIdentity, identify_app
 from .audit import AuditLog
@@ -66,13 +66,17 @@ def _load(
     message: Message, site: Site, audit: AuditLog, policy: SitePolicy, kind: str,
     instructions: RoundInstructions | None = None,
 ) -> tuple[RoundInstructions, torch.nn.Module, SiteDataset]:
-    """Admit the message (the last check before data), load the site's data, record the access."""
+    """Admit the message (the last check before data), load the site's data, record the access.
+
+    With ``local-norm``, a model received for training gets the site's own normalisation layers;
+    one received for evaluation stays as it is (see :func:`_evaluate`).
+    """
     if instructions is None:
         instructions = RoundInstructions.from_config(message.content["config"])
     _admit(message, audit, policy, kind)
     state = message.content["arrays"].to_torch_state_dict()
     net = load_state_dict(instructions.spec, state)
-    if instructions.local_norm:  # FedBN: the site's own normalisation layers, not the averages
+    if instructions.local_norm and kind == "train":  # FedBN: the site's own normalisation layers
         apply_local_norm(net, site.name, str(message.metadata.run_id))
     data = site.load_dataset(  # syncs the site's source (folder or PACS), then the cache
         instructions.spec, test_fraction=instructions.test_fraction, seed=instructions.seed
@@ -211,20 +215,29 @@ def _train(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
 
 def _evaluate(message: Message, site: Site, node: NodeSettings, policy: SitePolicy,
               audit: AuditLog) -> tuple[Message, dict[str, Any]]:
+    """The received model's Dice; with ``local-norm``, the site's personalised variant's beside it.
+
+    The received model is the one the coordinator publishes after the last round, so the
+    unprefixed metrics are always its own, whatever ``local-norm`` says; the variant with the
+    site's normalisation layers reports under ``local-norm-``.
+    """
     instructions, net, data = _load(message, site, audit, policy, "evaluate")
     if data.num_test == 0:
         raise NoPatientsError(f"site {site.name} has no held-out patients (needs at least 2 patients)",
                               role="held-out", patients=data.train_patients + data.test_patients)
     device = select_device(node.device)
-    result = evaluate(
-        net,
-        data.test_images,
-        data.test_masks,
-        device=device,
-        threshold=instructions.spec.threshold,
-        autocast=autocast_dtype(device, node.mixed_precision),
-    )
-    metrics = EvaluateReply.from_counts(result.num_examples, result.loss, result.counts).to_record()
+
+    def score() -> EvalResult:
+        return evaluate(net, data.test_images, data.test_masks, device=device,
+                        threshold=instructions.spec.threshold,
+                        autocast=autocast_dtype(device, node.mixed_precision))
+
+    result = score()
+    reply = EvaluateReply.from_counts(result.num_examples, result.loss, result.counts)
+    if instructions.local_norm and apply_local_norm(net, site.name, str(message.metadata.run_id)):
+        personal = score()
+        reply = reply.with_local_norm(personal.loss, personal.counts)
+    metrics = reply.to_record()
     return _reply(message, site, data, metrics), metrics
 
 

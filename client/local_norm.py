@@ -2,10 +2,11 @@
 
 With ``local-norm = true`` in the run config, a site overwrites the normalisation parameters of
 every global model it receives with its own, trains, and keeps the trained ones for the next
-round; it evaluates with them too. The update it sends still carries every array (the
-coordinator's checks expect the full model), but the averaged normalisation layers are never
-used at a site that keeps its own; the published model carries the averages, a starting point
-for a hospital that joins later.
+round. The update it sends still carries every array (the coordinator's checks expect the full
+model). The published model carries the averaged layers, a starting point for a hospital that
+joins later, so a site evaluates the model it received as it is (the published model's own
+Dice, which the promotion gates read) and, beside it, its personalised variant with its own
+layers (``local-norm-dice`` and its voxel counts).
 
 The site's layers live in ``$FEDSEG_HOME/local-norm/<site>/<run>.pt``, one file per Flower run.
 """

@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from .errors import ReplyError
@@ -27,6 +27,7 @@ from .metrics import DiceCounts
 
 __all__ = [
     "ARRAYS_RECORD",
+    "DICE_COUNT_KEYS",
     "METRICS_RECORD",
     "SITE_RECORD",
     "NUM_EXAMPLES",
@@ -57,6 +58,8 @@ def record_key(name: str) -> str:
 
 #: FedAvg's weight: the number of samples (slices) a site trained or evaluated on.
 NUM_EXAMPLES = record_key("num_examples")
+#: The voxel counts a site sends beside its Dice; pooled Dice needs all three from every site.
+DICE_COUNT_KEYS = tuple(record_key(n) for n in ("dice_intersection", "dice_predicted", "dice_truth"))
 
 
 def check_site_name(name: object) -> str:
@@ -142,7 +145,12 @@ class TrainReply(_MetricReply):
 
 @dataclass(frozen=True)
 class EvaluateReply(_MetricReply):
-    """An evaluate reply's metrics: held-out loss, Dice, and the voxel counts behind pooled Dice."""
+    """An evaluate reply's metrics: held-out loss, Dice, and the voxel counts behind pooled Dice.
+
+    The unprefixed fields are always the received model's (after the last round: the published
+    model's). With ``local-norm`` the site adds its personalised variant's (its own normalisation
+    layers) under ``local_norm_`` (keys ``local-norm-...``), beside them.
+    """
 
     kind: ClassVar[str] = "evaluate"
     eval_loss: float | None = _bound()
@@ -150,17 +158,30 @@ class EvaluateReply(_MetricReply):
     dice_intersection: float | None = _bound()
     dice_predicted: float | None = _bound()
     dice_truth: float | None = _bound()
+    local_norm_eval_loss: float | None = _bound()
+    local_norm_dice: float | None = _bound(high=1.0)
+    local_norm_dice_intersection: float | None = _bound()
+    local_norm_dice_predicted: float | None = _bound()
+    local_norm_dice_truth: float | None = _bound()
 
     def __post_init__(self) -> None:
-        i, p, t = self.dice_intersection, self.dice_predicted, self.dice_truth
-        if i is not None and ((p is not None and i > p) or (t is not None and i > t)):
-            raise ReplyError(f"'dice-intersection' {i} exceeds 'dice-predicted' {p} or 'dice-truth' {t}")
+        for prefix in ("", "local_norm_"):
+            i, p, t = (getattr(self, f"{prefix}dice_{n}") for n in ("intersection", "predicted", "truth"))
+            if i is not None and ((p is not None and i > p) or (t is not None and i > t)):
+                key = record_key(prefix + "dice_")
+                raise ReplyError(f"'{key}intersection' {i} exceeds '{key}predicted' {p} or '{key}truth' {t}")
 
     @classmethod
     def from_counts(cls, num_examples: int, loss: float, counts: DiceCounts) -> EvaluateReply:
         return cls(num_examples=num_examples, eval_loss=loss, dice=counts.dice,
                    dice_intersection=counts.intersection, dice_predicted=counts.predicted,
                    dice_truth=counts.truth)
+
+    def with_local_norm(self, loss: float, counts: DiceCounts) -> EvaluateReply:
+        """This reply plus the site's personalised variant's loss, Dice and counts."""
+        return replace(self, local_norm_eval_loss=loss, local_norm_dice=counts.dice,
+                       local_norm_dice_intersection=counts.intersection,
+                       local_norm_dice_predicted=counts.predicted, local_norm_dice_truth=counts.truth)
 
     @property
     def counts(self) -> DiceCounts | None:

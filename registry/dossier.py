@@ -211,27 +211,40 @@ def _training(facts: DossierFacts) -> Section:
 def _evaluation(facts: DossierFacts, plots: list[str]) -> Section:
     train = _dict(facts.lineage.get("sites"))
     dice = _site_dice(facts)
+    personal = {str(k): float(v) for k, v in _dict(facts.lineage.get("eval_sites_local_norm")).items()}
     test = site_series(facts.history, "evaluate", "num-examples")
     rows = tuple(
         (
             site,
             str(train[site]) if site in train else "n/a",
-            _f(dice.get(site)),
+            _f(dice[site]) if site in dice else "not evaluated",
+            *((_f(personal.get(site)),) if personal else ()),
             _f(last_value(test.get(site)), 0) if site in test else "n/a",
         )
         for site in _sites(facts)
     )
     m = facts.metrics
     worst = min(dice, key=lambda s: dice[s]) if dice else None
-    blocks: list[Block] = [
-        Table(("site", "training samples", "held-out Dice", "test slices"), rows),
-        Bullets((
-            f"pooled Dice (over all sites' held-out voxels): {_f(m.get('dice_pooled'))}",
-            f"mean of the sites' Dice: {_f(m.get('dice_mean'))}",
-            f"worst site: {_f(m.get('dice_min'))}" + (f" ({worst})" if worst else ""),
-            f"spread (best minus worst): {_f(m.get('dice_spread'))}",
-        )),
+    uncounted = facts.lineage.get("eval_sites_uncounted") or []
+    pooled_line = f"pooled Dice (over all sites' held-out voxels): {_f(m.get('dice_pooled'))}"
+    if m.get("dice_pooled") is None and uncounted:
+        pooled_line += f" (site(s) {', '.join(map(str, uncounted))} sent no voxel counts)"
+    notes = [
+        pooled_line,
+        f"mean of the sites' Dice: {_f(m.get('dice_mean'))}",
+        f"worst site: {_f(m.get('dice_min'))}" + (f" ({worst})" if worst else ""),
+        f"spread (best minus worst): {_f(m.get('dice_spread'))}",
     ]
+    unevaluated = sorted(s for s in train if s not in dice)
+    if unevaluated:
+        notes.append(f"trained but did not evaluate the published model: {', '.join(unevaluated)} "
+                     "(promotion gate evaluated_sites fails)")
+    if personal:
+        notes.append("held-out Dice is the published model's own at each site; personalised Dice is "
+                     "each site's variant with its own normalisation layers (local-norm)")
+    heading = ("site", "training samples", "held-out Dice", *(("personalised Dice",) if personal else ()),
+               "test slices")
+    blocks: list[Block] = [Table(heading, rows), Bullets(tuple(notes))]
     per_site = site_series(facts.history, "evaluate", "dice")
     pooled = dict(facts.history.get("eval/dice_pooled", ()))
     rounds = sorted({r for s in per_site.values() for r, _ in s} | set(pooled))

@@ -33,6 +33,8 @@ JSON_TAGS = (
     "strategy_params",
     "preprocessing",
     "eval_sites",
+    "eval_sites_uncounted",
+    "eval_sites_local_norm",
     "dp",
     "epsilon_sites",
     "site_manifests",

@@ -12,6 +12,10 @@ A gates file is TOML, with the keys at the top level or in a ``[gates]`` table::
     max_mean_dice_drop = 0.02     # candidate dice_mean >= champion dice_mean - 0.02
     max_epsilon = 8.0             # every site's DP epsilon must be <= 8 (omit: no epsilon gate)
     require_manifests = true      # every training site must have a data manifest digest
+
+One gate is not configurable: ``evaluated_sites``, every site that trained the version must have
+sent a Dice of the published model itself (``eval_sites``). A version that misses one is
+promoted only by an operator's forced promotion with a recorded reason.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from imaging.replies import DICE_COUNT_KEYS
+
 from .errors import GateError
-from .publish import METRIC_PREFIX
+from .publish import DECISION_METRIC, METRIC_PREFIX
 
 __all__ = [
     "GATES_FILE_ENV",
@@ -173,8 +179,8 @@ class GateResult:
     Attributes
     ----------
     name : str
-        The gate: ``worst_site_dice``, ``worst_site_drop``, ``mean_dice_drop``, ``epsilon`` or
-        ``site_manifests``.
+        The gate: ``worst_site_dice``, ``worst_site_drop``, ``mean_dice_drop``, ``epsilon``,
+        ``site_manifests`` or ``evaluated_sites``.
     passed : bool
         Whether the candidate meets it.
     detail : str
@@ -205,6 +211,7 @@ class VersionFacts:
     epsilon_sites: Mapping[str, float] | None = None
     site_manifests: Mapping[str, str] | None = None
     secure_aggregation: str | None = None
+    eval_sites_uncounted: tuple[str, ...] | None = None  # sites that sent no voxel counts
 
     @classmethod
     def from_tags(cls, version: int, tags: Mapping[str, str]) -> VersionFacts:
@@ -219,6 +226,7 @@ class VersionFacts:
         eval_sites = _json_mapping(tags.get("eval_sites"))
         epsilons = _json_mapping(tags.get("epsilon_sites"))
         manifests = _json_mapping(tags.get("site_manifests"))
+        uncounted = _json_strings(tags.get("eval_sites_uncounted"))
         return cls(
             version=int(version),
             metrics=metrics,
@@ -228,11 +236,22 @@ class VersionFacts:
             epsilon_sites=None if epsilons is None else _floats(epsilons),
             site_manifests=None if manifests is None else {str(k): str(v) for k, v in manifests.items()},
             secure_aggregation=tags.get("secure_aggregation"),
+            eval_sites_uncounted=uncounted,
         )
 
     @property
     def dice_pooled(self) -> float | None:
         return self.metrics.get("dice_pooled")
+
+    def pooled_dice_gap(self) -> str:
+        """Why ``dice_pooled`` is absent, in words (empty when it is there)."""
+        if self.dice_pooled is not None:
+            return ""
+        if self.eval_sites_uncounted:
+            return (f"v{self.version} has no {DECISION_METRIC}: site(s) "
+                    f"{', '.join(self.eval_sites_uncounted)} sent no voxel counts "
+                    f"({', '.join(DICE_COUNT_KEYS)})")
+        return f"v{self.version} has no {DECISION_METRIC} recorded"
 
     @property
     def dice_mean(self) -> float | None:
@@ -272,7 +291,8 @@ def evaluate_gates(
     -------
     list[GateResult]
         One result per gate, worst site first: ``worst_site_dice``, ``worst_site_drop``,
-        ``mean_dice_drop``, ``epsilon``, ``site_manifests``. Disabled gates pass and say so.
+        ``mean_dice_drop``, ``epsilon``, ``site_manifests``, ``evaluated_sites``. Disabled gates
+        pass and say so.
     """
     return [
         _worst_site_gate(candidate, gates),
@@ -280,6 +300,7 @@ def evaluate_gates(
         _mean_drop_gate(candidate, champion, gates),
         _epsilon_gate(candidate, gates),
         _manifest_gate(candidate, gates),
+        _evaluated_sites_gate(candidate),
     ]
 
 
@@ -376,6 +397,21 @@ def _manifest_gate(candidate: VersionFacts, gates: GateConfig) -> GateResult:
     return GateResult(name, True, f"all {len(candidate.sites)} site(s) have a manifest")
 
 
+def _evaluated_sites_gate(candidate: VersionFacts) -> GateResult:
+    """Every training site sent a Dice of the published model: no site escapes the worst-site gate."""
+    name = "evaluated_sites"
+    if not candidate.sites:
+        return GateResult(name, False, "no training sites recorded (sites): cannot check that each "
+                                       "evaluated the published model")
+    evaluated = candidate.eval_sites or {}
+    missing = sorted(s for s in candidate.sites if s not in evaluated)
+    if missing:
+        return GateResult(name, False, f"site(s) {', '.join(missing)} trained but sent no evaluation of "
+                                       "the published model (eval_sites); only a forced promotion "
+                                       "with a reason can accept that")
+    return GateResult(name, True, f"all {len(candidate.sites)} training site(s) evaluated the published model")
+
+
 def _check_number(key: str, value: object, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise GateError(f"gate {key} must be a number, got {value!r}")
@@ -399,6 +435,14 @@ def _json_mapping(raw: str | None) -> dict[str, Any] | None:
     except (TypeError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _json_strings(raw: str | None) -> tuple[str, ...] | None:
+    try:
+        value = json.loads(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+    return tuple(str(v) for v in value) if isinstance(value, list) else None
 
 
 def _floats(values: Mapping[str, Any]) -> dict[str, float]:

@@ -203,7 +203,9 @@ def auto_promote(
     """Publish-time promotion: gates pass and (no champion, or ``dice_pooled`` beats it).
 
     Never raises for a failed gate or evidence that does not hold (the candidate's or the
-    champion's); the champion then stays and the reason says why.
+    champion's); the champion then stays and the reason says why. When either version lacks
+    ``dice_pooled`` (a site sent no voxel counts), nothing is compared and the champion stays:
+    the reason names the sites.
 
     Returns
     -------
@@ -225,11 +227,13 @@ def auto_promote(
     new = candidate.dice_pooled
     if current is None:
         why = "no champion yet"
-    elif new is None:
-        return False, f"version {version} has no {DECISION_METRIC}; {stays}"
-    elif current.dice_pooled is None or new > current.dice_pooled:
-        old = "none" if current.dice_pooled is None else f"{current.dice_pooled:.4f}"
-        why = f"{DECISION_METRIC} {new:.4f} beats champion v{current.version} ({old})"
+    elif new is None or current.dice_pooled is None:  # no comparison without both: none invented
+        gap = candidate.pooled_dice_gap() or current.pooled_dice_gap().replace(
+            f"v{current.version}", f"champion v{current.version}", 1)
+        return False, (f"cannot compare with champion v{current.version}: {gap}; {stays} "
+                       "(an operator may promote it with `fedseg registry promote`)")
+    elif new > current.dice_pooled:
+        why = f"{DECISION_METRIC} {new:.4f} beats champion v{current.version} ({current.dice_pooled:.4f})"
     else:
         return False, (
             f"{DECISION_METRIC} {new:.4f} does not beat champion "

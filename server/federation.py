@@ -25,6 +25,7 @@ from aggregation import (
     strategy_state,
     summarize_evaluation,
     trust_statement,
+    uncounted_sites,
 )
 from imaging.model import build_unet
 from privacy.enrolment import EnrolledSites, default_enrolment_dir
@@ -37,7 +38,7 @@ from .journal import RoundCheckpoint, RunJournal, capture_rng, restore_rng
 from .lineage import code_version, compact_json
 from .screened_grid import ScreenedGrid
 
-__all__ = ["FederationOutcome", "run_federation"]
+__all__ = ["FederationOutcome", "evaluation_lineage", "run_federation"]
 
 log = logging.getLogger("fedseg.server")
 
@@ -109,7 +110,7 @@ def _reporter(run: TrackingRun, state: _RoundLog, progress: Progress):
             per_site = "  ".join(f"{s.site}={_dice(s, float('nan')):.3f}" for s in sites)
             if summary:
                 progress(
-                    f"round {server_round}: Dice pooled {summary['dice_pooled']:.3f}  "
+                    f"round {server_round}: Dice pooled {_pooled_text(summary, sites)}  "
                     f"mean {summary.get('dice_mean', float('nan')):.3f}  "
                     f"worst {summary.get('dice_min', float('nan')):.3f}  |  {per_site}"
                 )
@@ -151,6 +152,30 @@ def _enrolled_sites() -> EnrolledSites:
 def _dice(site: SiteMetrics, missing: float) -> float:
     dice = site.evaluation().dice
     return missing if dice is None else dice
+
+
+def _pooled_text(summary: dict[str, float], sites: list[SiteMetrics]) -> str:
+    if "dice_pooled" in summary:
+        return f"{summary['dice_pooled']:.3f}"
+    return f"n/a (no voxel counts from {', '.join(uncounted_sites(sites))})"
+
+
+def evaluation_lineage(sites: list[SiteMetrics]) -> dict[str, str]:
+    """What the last evaluation (that of the published weights) shows, as lineage tags.
+
+    ``eval_sites``: each site's Dice of the published model (only the sites that sent one);
+    ``eval_sites_uncounted``: the sites that sent no voxel counts, hence no pooled Dice;
+    ``eval_sites_local_norm``: with ``local-norm``, each site's personalised variant's Dice.
+    """
+    replies = {s.site: s.evaluation() for s in sites}
+    lineage = {
+        "eval_sites": compact_json({site: round(r.dice, 6) for site, r in replies.items() if r.dice is not None}),
+        "eval_sites_uncounted": compact_json(uncounted_sites(sites)),
+    }
+    personal = {site: round(r.local_norm_dice, 6) for site, r in replies.items() if r.local_norm_dice is not None}
+    if personal:
+        lineage["eval_sites_local_norm"] = compact_json(personal)
+    return lineage
 
 
 def input_reference(inputs: dict[str, dict]) -> dict[str, object]:
@@ -297,7 +322,7 @@ def run_federation(
                                              "update_norm_factor": config.update_norm_factor}),
             "code_version": code_version(),
             "preprocessing": spec.to_json(),
-            "eval_sites": compact_json({s.site: round(_dice(s, 0.0), 6) for s in state.last_sites}),
+            **evaluation_lineage(state.last_sites),
             "dp": compact_json(_dp_lineage(config, state.delta)),
             "secure_aggregation": "off",
             "site_identity": "enrolled" if enrolled else "self-reported",

@@ -199,7 +199,8 @@ def test_norm_parameter_names_of_the_monai_unet(norm: str) -> None:
 
 
 def test_local_norm_keeps_each_sites_normalisation_layers(synthetic_sites, fedseg_home) -> None:
-    """FedBN-style: each site trains and evaluates with its own norm layers, not the averages."""
+    """FedBN-style: each site trains with its own norm layers, not the averages (it evaluates
+    the received model and, beside it, its own variant: tests/test_gate_evidence.py)."""
     import torch
     from local_grid import LocalGrid
 
