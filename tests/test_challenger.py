@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from evidence import evaluated
 from imaging.model import build_unet
 from imaging.spec import ModelSpec
 from registry import ModelNotFoundError, RegistryError, TrackingRun, default_store, publish_model
@@ -41,7 +42,7 @@ def _publish(seed: int, dice: float) -> int:
     store = default_store()
     run = TrackingRun.start(store, "challenger-tests", f"publish-{seed}", {})
     published = publish_model(store, run, MODEL, build_unet(SPEC).state_dict(), SPEC,
-                              {"dice_pooled": dice}, {})
+                              {"dice_pooled": dice}, evaluated())
     run.end(ok=True)
     return published.version
 

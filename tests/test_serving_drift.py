@@ -13,6 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from evidence import evaluated
 from imaging.dicom_read import read_series
 from imaging.dicom_write import write_series
 from imaging.model import build_unet
@@ -65,8 +66,8 @@ def fedseg_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         store = default_store()
         run = TrackingRun.start(store, "drift-tests", "publish", {})
         state = build_unet(SPEC).state_dict()
-        publish_model(store, run, MODEL, state, SPEC, {"dice_pooled": 0.5}, lineage)
-        publish_model(store, run, MODEL, state, SPEC, {"dice_pooled": 0.4}, {})
+        publish_model(store, run, MODEL, state, SPEC, {"dice_pooled": 0.5}, {**lineage, **evaluated()})
+        publish_model(store, run, MODEL, state, SPEC, {"dice_pooled": 0.4}, evaluated())
         run.end(ok=True)
         yield root / "home"
 

@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 import serving.predictor as predictor_module
+from evidence import evaluated
 from imaging.dicom_write import write_series
 from imaging.model import build_unet
 from imaging.spec import ModelSpec
@@ -52,7 +53,7 @@ def _publish(seed: int, dice: float) -> int:
     store = default_store()
     run = TrackingRun.start(store, "serving-models-tests", f"publish-{seed}", {})
     published = publish_model(
-        store, run, MODEL, build_unet(SPEC).state_dict(), SPEC, {"dice_pooled": dice}, {}
+        store, run, MODEL, build_unet(SPEC).state_dict(), SPEC, {"dice_pooled": dice}, evaluated()
     )
     run.end(ok=True)
     return published.version

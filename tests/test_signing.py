@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
+from evidence import evaluated
 from imaging.model import build_unet
 from imaging.spec import ModelSpec
 from registry import TrackingRun, default_store, load_model, publish_model
@@ -40,7 +41,7 @@ def _publish(seed: int = 0):
     torch.manual_seed(seed)
     net = build_unet(SPEC)
     run = TrackingRun.start(store, "fedseg-test", "signing", {})
-    published = publish_model(store, run, NAME, net.state_dict(), SPEC, {"dice_pooled": 0.5}, {})
+    published = publish_model(store, run, NAME, net.state_dict(), SPEC, {"dice_pooled": 0.5}, evaluated())
     run.end(True)
     return net, published
 
