@@ -15,7 +15,8 @@ max_epsilon_per_run = 2.0
 max_rounds = 10           # train messages per run that read data (retries included)
 max_evaluations = 12      # evaluate messages per run that read data
 [metrics]
-allowed = ["num-examples", "train-loss", "dice"]  # which metric keys may leave the site
+allowed = ["num-examples", "train-loss", "dice",  # which metric keys may leave the site;
+           "dice-intersection", "dice-predicted", "dice-truth"]  # without these: no pooled Dice
 ```
 
 A simulated site keeps its policy in its own folder; a real node names it with ``policy-file``
