@@ -1242,3 +1242,21 @@ def test_images_bind_the_superlink_to_loopback() -> None:
                if ins["instruction"] == "EXPOSE"]
     assert not exposed, "the SuperLink image must expose no port: the gateway image does"
     assert sum(image_command(DOCKER / "gateway.Dockerfile"), [])[:3] == ["nginx", "-c", GATEWAY_CONF]
+
+
+def test_the_coordinators_deployments_refuse_runs_without_enrolled_sites() -> None:
+    """Shipped coordinators fail closed on site identity (issue 15, item 5): the ServerApp requires
+    enrolment and reads the enrolment directory from a mount, so no run trusts self-reported names."""
+    serverapp = compose_services()["serverapp"]
+    env = dict(env_items(serverapp.get("environment")))
+    assert env.get("FEDSEG_REQUIRE_ENROLMENT") == "1", "compose serverapp: FEDSEG_REQUIRE_ENROLMENT not 1"
+    assert env.get("FEDSEG_ENROLMENT_DIR"), "compose serverapp: no FEDSEG_ENROLMENT_DIR"
+    assert mounted(serverapp, env["FEDSEG_ENROLMENT_DIR"]), "compose serverapp: enrolment dir not mounted"
+    config = next(d for d in k8s_documents()
+                  if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "fedseg-serverapp-config")
+    assert config["data"].get("FEDSEG_REQUIRE_ENROLMENT") == "1", "k8s: FEDSEG_REQUIRE_ENROLMENT not 1"
+    containers = [c for d in k8s_documents() if d.get("kind") in {"StatefulSet", "Deployment"}
+                  for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "serverapp"]
+    assert containers, "k8s: no serverapp container"
+    mounts = {m["mountPath"] for m in containers[0].get("volumeMounts", [])}
+    assert config["data"].get("FEDSEG_ENROLMENT_DIR") in mounts, "k8s serverapp: enrolment dir not mounted"
