@@ -22,6 +22,7 @@ from .site_metrics import (
 from .norm_layers import norm_parameter_names, split_norm
 from .quorum import QuorumNotReachedError, QuorumStrategy
 from .validation import Rejection, ValidatingStrategy
+from .screening import ScreeningStrategy, ScreenSettings, UpdateScore
 from .resume import OnRoundEnd, ResumingStrategy
 from .retry import RoundBelowMinimumError, RoundRetryStrategy
 from .state import restore_strategy_state, strategy_state
@@ -49,6 +50,9 @@ __all__ = [
     "split_norm",
     "Rejection",
     "ValidatingStrategy",
+    "ScreeningStrategy",
+    "ScreenSettings",
+    "UpdateScore",
     "QuorumStrategy",
     "QuorumNotReachedError",
     "OnRoundEnd",

@@ -1,13 +1,17 @@
-"""Robustness benchmark: one of five hospitals sends NaN or sign-flipped x5 updates.
+"""Robustness benchmark: one hospital of five sends NaN or sign-flipped x5 updates; one of a
+small consortium (two to four) poisons, against the update screen (``--suite screen``).
 
 Runs the scenarios of ``tests/robustness_scenarios.py`` (the same runs
 ``tests/test_robustness_figures.py`` asserts on): five 64 px synthetic hospitals, the demo's
 run config, the real ServerApp logic and ClientApp with the rounds delivered in-process,
 ``site-e`` misbehaving through the ``--misbehave`` mod. Records the final Dice of each run,
 its per-round pooled Dice, and the rejections, in ``bench/results/robustness.json`` and in
-BENCHMARKS.md.
+BENCHMARKS.md. ``--suite screen`` runs ``SCREEN_SCENARIOS`` instead (the demo's 6 rounds, the
+first 2-4 hospitals, the last one attacking) and also records every site's screen scores
+(cosine to the round's median update, norm over the median norm), in
+``bench/results/robustness-screen.json``. ``--no-record`` writes neither file: a smoke run.
 
-    python bench/robustness.py [--scenarios clean/fedavg,nan/fedavg,...]
+    python bench/robustness.py [--suite screen] [--scenarios clean/fedavg,nan/fedavg,...]
 """
 
 from __future__ import annotations
@@ -26,17 +30,34 @@ from common import ROOT, command_line, git_version, header, machine, now, update
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from robustness_scenarios import ATTACKER, RUN_CONFIG, SCENARIOS, SITES, run_scenario, write_sites  # noqa: E402
+from robustness_scenarios import (  # noqa: E402
+    ATTACKER,
+    RUN_CONFIG,
+    SCENARIOS,
+    LGG_SCREEN_SCENARIOS,
+    SCREEN_SCENARIOS,
+    SITES,
+    SMALL_RUN_CONFIG,
+    run_scenario,
+    write_sites,
+)
 
 SECTION = "Robustness: one of five sites sends NaN or sign-flipped x5 updates"
+SCREEN_SECTION = "Robustness: the update screen, one poisoning site among two to four"
+SUITES = {"five": SCENARIOS, "screen": SCREEN_SCENARIOS}
 _POOLED = re.compile(r"^round (\d+): Dice pooled ([0-9.]+)")
 
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / "bench" / ".work" / "robustness")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated names")
-    p.add_argument("--no-record", action="store_true", help="do not touch BENCHMARKS.md")
+    p.add_argument("--suite", choices=tuple(SUITES), default="five")
+    p.add_argument("--scenarios", default="", help="comma-separated names (default: the whole suite)")
+    p.add_argument("--lgg", type=Path, default=None,
+                   help="--suite screen: also run LGG_SCREEN_SCENARIOS on the LGG set in this folder "
+                        "(e.g. ../shared/data/lgg-flair128)")
+    p.add_argument("--no-record", action="store_true",
+                   help="a smoke run: write neither the JSON under bench/results nor BENCHMARKS.md")
     return p.parse_args()
 
 
@@ -45,7 +66,7 @@ def _row(name: str, result) -> dict:  # noqa: ANN001 - ScenarioResult
         "strategy": result.scenario.strategy,
         "misbehave": list(result.scenario.misbehave),
         "run_config": result.scenario.run_config(),
-        "dice_pooled": result.metrics["dice_pooled"],
+        "dice_pooled": result.metrics.get("dice_pooled"),
         "dice_mean": result.metrics.get("dice_mean"),
         "dice_min": result.metrics.get("dice_min"),
         "pooled_by_round": [float(m[2]) for line in result.rounds if (m := _POOLED.match(line))],
@@ -53,6 +74,66 @@ def _row(name: str, result) -> dict:  # noqa: ANN001 - ScenarioResult
         "rejection_example": result.rejections[0] if result.rejections else None,
         "seconds": result.seconds,
     }
+
+
+def _screen_row(name: str, result) -> dict:  # noqa: ANN001 - ScenarioResult
+    """:func:`_row` plus the screen's per-site scores by round and who was refused when."""
+    n, sites = result.scenario.sites, list(result.sites)
+    attacker = result.scenario.misbehave[0].split("=")[0] if result.scenario.misbehave else None
+    scores = {site: {"cosine": [v for _, v in result.history(f"site/{site}/train/screen_cosine")],
+                     "norm_ratio": [v for _, v in result.history(f"site/{site}/train/screen_norm_ratio")]}
+              for site in sites}
+    rejected = {site: [step for step, _ in result.history(f"site/{site}/train/rejected")] for site in sites}
+    honest = [s for s in sites if s != attacker]
+    cos = [c for s in honest for c in scores[s]["cosine"]]
+    ratio = [r for s in honest for r in scores[s]["norm_ratio"]]
+    return {
+        **_row(name, result),
+        "sites": n,
+        "attacker": attacker,
+        "error": result.error,
+        "screen_scores": scores,
+        "rejected_rounds": rejected,
+        "honest_min_cosine": min(cos) if cos else None,
+        "honest_max_norm_ratio": max(ratio) if ratio else None,
+    }
+
+
+def screen_markdown(payload: dict) -> str:
+    rows = payload["scenarios"]
+    clean = {n: rows.get(f"{n}sites/clean/fedavg", {}).get("dice_pooled") for n in (2, 3, 4)}
+    lines = [
+        "The first two, three or four of the five 64 px synthetic hospitals above (seed 1), the "
+        f"demo's run config (`{SMALL_RUN_CONFIG}`, min-sites one below the count, at least 2), the "
+        "same in-process path, the last site (site-b, site-c or site-d) misbehaving through the "
+        "`--misbehave` mod. `unscreened` runs set `screen-updates=false`; every other run uses the "
+        "defaults (`screen-min-cosine=0`, `screen-max-norm-ratio=3`). Honest scores are the "
+        "extremes over every honest site and round of the screen's cosine to the round's median "
+        "update and norm over the median norm (with two sites: to the other site's update): the "
+        "margin the defaults leave. Δ is against the clean screened run of the same size.\n",
+        header(payload),
+        "| sites | scenario | strategy | pooled Dice | Δ vs clean | worst | rejected updates (attacker / honest) "
+        "| honest min cosine | honest max norm ratio | pooled Dice by round | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        n, scen = r["sites"], name.split("/", 1)[1]
+        misbehave = ", ".join(r["misbehave"]) or "none"
+        by_round = " ".join(f"{d:.2f}" for d in r["pooled_by_round"])
+        att = len(r["rejected_rounds"].get(r["attacker"], [])) if r["attacker"] else 0
+        hon = sum(len(v) for s, v in r["rejected_rounds"].items() if s != r["attacker"])
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        if r["dice_pooled"] is None:
+            dice, delta, worst = f"none published ({r['error']})", "-", "-"
+        else:
+            dice, worst = f"{r['dice_pooled']:.3f}", fmt(r["dice_min"])
+            delta = f"{r['dice_pooled'] - clean[n]:+.3f}" if clean.get(n) is not None else "-"
+        lines.append(f"| {n} | {scen} ({misbehave}) | {r['strategy']} | {dice} | {delta} | {worst} "
+                     f"| {att} / {hon} | {fmt(r['honest_min_cosine'])} | {fmt(r['honest_max_norm_ratio'])} "
+                     f"| {by_round} | {r['seconds']:.0f} |")
+    lines.append("")
+    lines.extend(f"- {n}" for n in payload.get("findings", []))
+    return "\n".join(lines)
 
 
 def markdown(payload: dict) -> str:
@@ -122,18 +203,33 @@ def findings(rows: dict, identical: bool | None) -> list[str]:
 
 def main() -> None:
     a = _args()
-    names = [n.strip() for n in a.scenarios.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SCENARIOS]
+    suite = dict(SUITES[a.suite])
+    if a.lgg is not None:
+        if a.suite != "screen":
+            raise SystemExit("--lgg goes with --suite screen")
+        suite.update(LGG_SCREEN_SCENARIOS)
+    names = [n.strip() for n in a.scenarios.split(",") if n.strip()] or list(suite)
+    unknown = [n for n in names if n not in suite]
     if unknown:
-        raise SystemExit(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
-    shutil.rmtree(a.work, ignore_errors=True)
+        raise SystemExit(f"unknown scenario(s) {unknown}; choose from {', '.join(suite)}")
+    work = a.work if a.suite == "five" else a.work.with_name(f"{a.work.name}-{a.suite}")
+    shutil.rmtree(work, ignore_errors=True)
     t0 = time.monotonic()
-    sites = write_sites(a.work / "sites")
+    sites = write_sites(work / "sites")
+    if any(n in LGG_SCREEN_SCENARIOS for n in names):
+        from simulation.lgg import import_lgg
+
+        lgg_sites = import_lgg(a.lgg, work / "lgg")
     results = {}
     for name in names:
-        results[name] = run_scenario(sites, SCENARIOS[name], a.work / "home")
-        print(f"{name:<26} pooled Dice {results[name].metrics['dice_pooled']:.3f}  "
+        over = lgg_sites if name in LGG_SCREEN_SCENARIOS else sites
+        results[name] = run_scenario(over, suite[name], work / "home")
+        dice = results[name].metrics.get("dice_pooled")
+        print(f"{name:<34} pooled Dice {'-' if dice is None else f'{dice:.3f}'}  "
               f"({results[name].seconds:.0f} s, {len(results[name].rejections)} rejected)", flush=True)
+    if a.suite == "screen":
+        _record_screen(a, results, t0)
+        return
     identical = None
     if "nan/fedavg" in results and "absent/fedavg" in results:
         import torch
@@ -155,12 +251,63 @@ def main() -> None:
         "total_seconds": time.monotonic() - t0,
     }
     payload["findings"] = findings(rows, identical)
-    write_json("robustness", payload)
-    if not a.no_record:
-        update_section(SECTION, markdown(payload))
     print("\n".join(payload["findings"]))
-    print(f"wrote bench/results/robustness.json{'' if a.no_record else ' and BENCHMARKS.md'} "
-          f"in {payload['total_seconds']:.0f} s")
+    if a.no_record:
+        return
+    write_json("robustness", payload)
+    update_section(SECTION, markdown(payload))
+    print(f"wrote bench/results/robustness.json and BENCHMARKS.md in {payload['total_seconds']:.0f} s")
+
+
+def screen_findings(rows: dict) -> list[str]:
+    out = []
+    get = lambda name: rows.get(name, {}).get("dice_pooled")  # noqa: E731
+    for n in (4, 3):
+        clean, raw, screened = (get(f"{n}sites/clean/fedavg"), get(f"{n}sites/signflip5/fedavg-unscreened"),
+                                get(f"{n}sites/signflip5/fedavg"))
+        if None not in (clean, raw, screened):
+            out.append(f"{n} sites, sign-flip x5: FedAvg {clean:.3f} clean, {raw:.3f} unscreened, "
+                       f"{screened:.3f} screened ({screened - clean:+.3f} vs clean).")
+    median = get("4sites/signflip5/fedmedian-unscreened")
+    if median is not None:
+        out.append(f"FedMedian under the same attack at four sites: {median:.3f}.")
+    honest = [(name, r["rejected_rounds"]) for name, r in rows.items()]
+    false = [name for name, rej in honest
+             if any(v for s, v in rej.items() if s != rows[name]["attacker"]) and rows[name]["sites"] > 2]
+    out.append("Honest sites refused in runs of three or more sites: " + (", ".join(false) or "none") + ".")
+    if "2sites/signflip5/fedavg" in rows:
+        r = rows["2sites/signflip5/fedavg"]
+        out.append("Two sites, one sign-flipping: no robust centre exists, the two updates conflict, both "
+                   "are refused every round and the run publishes nothing"
+                   + (f" ({r['error']})." if r["error"] else "."))
+    out.append("Seconds are wall-clock on a machine shared with other jobs: compare Dice, not times.")
+    return out
+
+
+def _record_screen(a: argparse.Namespace, results: dict, t0: float) -> None:
+    rows = {name: _screen_row(name, r) for name, r in results.items()}
+    payload = {
+        "benchmark": "robustness-screen",
+        "date": now(),
+        "machine": machine(),
+        "command": command_line(),
+        "code_version": git_version(),
+        "json": "bench/results/robustness-screen.json",
+        "sites": SITES,
+        "scenarios": rows,
+        "total_seconds": time.monotonic() - t0,
+    }
+    payload["findings"] = screen_findings(rows)
+    print("\n".join(payload["findings"]))
+    if a.no_record:
+        import json
+
+        print(json.dumps({n: {k: r[k] for k in ("dice_pooled", "honest_min_cosine", "honest_max_norm_ratio",
+                                                "rejected_rounds")} for n, r in rows.items()}, indent=1))
+        return
+    write_json("robustness-screen", payload)
+    update_section(SCREEN_SECTION, screen_markdown(payload))
+    print(f"wrote bench/results/robustness-screen.json and BENCHMARKS.md in {payload['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

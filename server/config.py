@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregation import StrategySettings
+from aggregation import ScreenSettings, StrategySettings
 from imaging.errors import ConfigError
 from imaging.instructions import RoundInstructions
 from imaging.spec import ModelSpec
@@ -44,6 +44,7 @@ class FederationConfig:
     instructions: RoundInstructions
     round_retries: int = 1
     max_weight_share: float = 1.0  # of a round's total samples, per site; 1.0 caps nothing
+    screen: ScreenSettings = field(default_factory=ScreenSettings)
     resume_run: str = ""  # a journaled run to continue after its last completed round
     run_config: dict[str, Any] = field(default_factory=dict, compare=False)  # as given, journaled
 
@@ -84,6 +85,11 @@ class FederationConfig:
                 trim_beta=get("trim-beta", float),
                 num_malicious=get("num-malicious", int),
             )
+            screen = ScreenSettings(
+                enabled=get("screen-updates", _bool),
+                min_cosine=get("screen-min-cosine", float),
+                max_norm_ratio=get("screen-max-norm-ratio", float),
+            )
         except (ConfigError, ValueError) as exc:
             raise RunConfigError(f"invalid run config: {exc}") from exc
         num_rounds = get("num-server-rounds", int)
@@ -117,6 +123,7 @@ class FederationConfig:
             instructions=instructions,
             round_retries=retries,
             max_weight_share=share,
+            screen=screen,
             resume_run=get("resume-run", str).strip(),
             run_config=dict(run_config),
         )
@@ -134,6 +141,9 @@ class FederationConfig:
             **{f"strategy.{k}": v for k, v in self.strategy.params().items()},
             "update-norm-factor": self.update_norm_factor,
             "max-weight-share": self.max_weight_share,
+            "screen-updates": self.screen.enabled,
+            "screen-min-cosine": self.screen.min_cosine,
+            "screen-max-norm-ratio": self.screen.max_norm_ratio,
             "fraction-train": self.strategy.fraction_train,
             "min-sites": self.strategy.min_sites,
             "local-epochs": i.local_epochs,

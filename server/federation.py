@@ -17,8 +17,10 @@ from aggregation import (
     ResumingStrategy,
     RoundRetryStrategy,
     SiteIdentities,
+    ScreeningStrategy,
     SiteMetrics,
     SiteReportingStrategy,
+    UpdateScore,
     ValidatingStrategy,
     build_strategy,
     restore_strategy_state,
@@ -256,10 +258,16 @@ def run_federation(
         progress(f"round {server_round}: rejected the evaluation of {site}: {reason}")
         run.log_metrics({f"site/{site}/evaluate/rejected": 1.0, "evaluate/rejected_replies": 1.0},
                         step=server_round)
+    def on_scores(server_round: int, scores: list[UpdateScore]) -> None:
+        run.log_metrics({m: v for s in scores for m, v in (
+            (f"site/{s.site}/train/screen_cosine", s.cosine),
+            (f"site/{s.site}/train/screen_norm_ratio", s.norm_ratio))}, step=server_round)
 
     base = build_strategy(config.strategy)
     quorum = QuorumStrategy(base, config.strategy.min_sites, config.join_timeout)
-    validated = ValidatingStrategy(quorum, expected=initial,
+    screened = ScreeningStrategy(quorum, config.screen, on_reject, on_scores,
+                                 all_or_nothing=config.strategy.client_dp)
+    validated = ValidatingStrategy(screened, expected=initial,
                                    norm_factor=config.update_norm_factor, on_reject=on_reject,
                                    on_reject_evaluate=on_reject_evaluate,
                                    identities=SiteIdentities(enrolled) if enrolled else None,
@@ -319,7 +327,8 @@ def run_federation(
             "num_sites": str(len(state.train_examples)),
             "strategy": config.strategy.name,
             "strategy_params": compact_json({**config.strategy.params(),
-                                             "update_norm_factor": config.update_norm_factor}),
+                                             "update_norm_factor": config.update_norm_factor,
+                                             **config.screen.params()}),
             "code_version": code_version(),
             "preprocessing": spec.to_json(),
             **evaluation_lineage(state.last_sites),

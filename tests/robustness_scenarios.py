@@ -27,6 +27,7 @@ from client.app import create_client_app
 from client.site import PartitionSites
 from registry import RegistryStore, load_model
 from server.config import FederationConfig
+from server.errors import FederationError
 from server.federation import run_federation
 from simulation.engine import default_app_dir, fused_run_config
 from simulation.misbehave import misbehave_mod, parse_misbehavior
@@ -36,9 +37,12 @@ __all__ = [
     "SITES",
     "RUN_CONFIG",
     "ATTACKER",
+    "SMALL_RUN_CONFIG",
     "Scenario",
     "ScenarioResult",
     "SCENARIOS",
+    "SCREEN_SCENARIOS",
+    "LGG_SCREEN_SCENARIOS",
     "write_sites",
     "run_scenario",
 ]
@@ -54,11 +58,20 @@ RUN_CONFIG = (
     "image-size=64 unet-channels='8,16,32' seed=42 fraction-train=1.0"
 )
 ATTACKER = "site-e"
+# The demo's run config itself (simulation/demo.py: 6 rounds) for the small consortia of the
+# update screen's scenarios: the first 2, 3 or 4 of the five hospitals, the last one attacking.
+SMALL_RUN_CONFIG = (
+    "num-server-rounds=6 local-epochs=2 batch-size=8 learning-rate=0.01 "
+    "image-size=64 unet-channels='8,16,32' seed=42 fraction-train=1.0"
+)
+_NO_SCREEN = "screen-updates=false"
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """One run: the strategy, and what the misbehaving site does (``--misbehave`` specs)."""
+    """One run: the strategy, and what the misbehaving site does (``--misbehave`` specs).
+
+    ``sites``: the first that many of the five hospitals take part."""
 
     name: str
     strategy: str
@@ -66,9 +79,11 @@ class Scenario:
     extra_config: str = ""
     # 4 of 5: a round in which the attacker fails (``dropout``) still counts, not retried
     min_sites: int = 4
+    sites: int = 5
+    base_config: str = RUN_CONFIG
 
     def run_config(self) -> str:
-        return (f"{RUN_CONFIG} min-sites={self.min_sites} strategy='{self.strategy}' "
+        return (f"{self.base_config} min-sites={self.min_sites} strategy='{self.strategy}' "
                 f"{self.extra_config}").strip()
 
 
@@ -76,13 +91,20 @@ class Scenario:
 class ScenarioResult:
     scenario: Scenario
     run_id: str
-    version: int
+    version: int | None  # None: the run published nothing (``error`` says why)
     metrics: dict[str, float]  # the final round's evaluation summary (dice_pooled, dice_mean, ...)
     rounds: list[str]  # the per-round progress lines ("round k: Dice pooled ...")
     rejections: list[str]  # the "rejected the update of ..." progress lines
     seconds: float
     store: RegistryStore = field(repr=False)
     home: Path = field(repr=False)
+    error: str | None = None  # the FederationError that stopped the run, if one did
+    sites: tuple[str, ...] = ()  # the site names that took part
+
+    def history(self, metric: str) -> list[tuple[int, float]]:
+        """``(round, value)`` of an MLflow metric of the run, e.g. ``site/site-a/train/rejected``."""
+        client = self.store.client()
+        return [(m.step, m.value) for m in client.get_metric_history(self.run_id, metric)]
 
     def state_dict(self) -> dict:
         """The published weights, verified against the signing key of the scenario's home."""
@@ -93,19 +115,66 @@ class ScenarioResult:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("clean/fedavg", "fedavg"),
-        Scenario("nan/fedavg", "fedavg", (f"{ATTACKER}=nan",)),
+        Scenario("clean/fedavg", "fedavg", (), _NO_SCREEN),
+        Scenario("nan/fedavg", "fedavg", (f"{ATTACKER}=nan",), _NO_SCREEN),
         # the fair reference for the NaN site: the same five sites, the attacker's update absent
         # (it fails mid-round, so its evaluation still counts)
-        Scenario("absent/fedavg", "fedavg", (f"{ATTACKER}=dropout",)),
-        Scenario("signflip5/fedavg", "fedavg", (f"{ATTACKER}=signflip:5",)),
-        Scenario("signflip5/fedmedian", "fedmedian", (f"{ATTACKER}=signflip:5",), "num-malicious=1"),
+        Scenario("absent/fedavg", "fedavg", (f"{ATTACKER}=dropout",), _NO_SCREEN),
+        Scenario("signflip5/fedavg", "fedavg", (f"{ATTACKER}=signflip:5",), _NO_SCREEN),
+        Scenario("signflip5/fedmedian", "fedmedian", (f"{ATTACKER}=signflip:5",),
+                 f"num-malicious=1 {_NO_SCREEN}"),
         # recorded by bench/robustness.py only
-        Scenario("clean/fedmedian", "fedmedian", (), "num-malicious=1"),
+        Scenario("clean/fedmedian", "fedmedian", (), f"num-malicious=1 {_NO_SCREEN}"),
         Scenario("signflip5/fedtrimmedavg", "fedtrimmedavg", (f"{ATTACKER}=signflip:5",),
-                 "num-malicious=1 trim-beta=0.2", min_sites=5),
+                 f"num-malicious=1 trim-beta=0.2 {_NO_SCREEN}", min_sites=5),
         # Krum with f=1 needs min-sites >= 2f+3 = 5
-        Scenario("signflip5/krum", "krum", (f"{ATTACKER}=signflip:5",), "num-malicious=1", min_sites=5),
+        Scenario("signflip5/krum", "krum", (f"{ATTACKER}=signflip:5",),
+                 f"num-malicious=1 {_NO_SCREEN}", min_sites=5),
+    )
+}
+
+
+def _small(n: int, name: str, strategy: str, kind: str | None, extra: str = "", *,
+           prefix: str = "", attacker: str = "") -> Scenario:
+    """``n`` hospitals (site-a, ...), the last one misbehaving as ``kind``, the demo's config."""
+    attacker = attacker or f"site-{'abcde'[n - 1]}"
+    misbehave = (f"{attacker}={kind}",) if kind else ()
+    return Scenario(f"{prefix or f'{n}sites'}/{name}", strategy, misbehave, extra, min_sites=max(2, n - 1),
+                    sites=n, base_config=SMALL_RUN_CONFIG)
+
+
+# bench/robustness.py --suite screen, and tests/test_update_screen.py: the update screen (on by
+# default, ``screen-updates``) where consortia are small.
+SCREEN_SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        _small(4, "clean/fedavg-unscreened", "fedavg", None, _NO_SCREEN),
+        _small(4, "clean/fedavg", "fedavg", None),
+        # the fair reference for a refused attacker: its update absent, its evaluation counted
+        _small(4, "absent/fedavg", "fedavg", "dropout"),
+        _small(4, "signflip5/fedavg-unscreened", "fedavg", "signflip:5", _NO_SCREEN),
+        _small(4, "signflip5/fedavg", "fedavg", "signflip:5"),
+        _small(4, "signflip5/fedmedian-unscreened", "fedmedian", "signflip:5", f"num-malicious=1 {_NO_SCREEN}"),
+        _small(4, "signflip1/fedavg", "fedavg", "signflip:1"),
+        _small(4, "scale5/fedavg-unscreened", "fedavg", "scale:5", _NO_SCREEN),
+        _small(4, "scale5/fedavg", "fedavg", "scale:5"),
+        _small(3, "clean/fedavg", "fedavg", None),
+        _small(3, "absent/fedavg", "fedavg", "dropout"),
+        _small(3, "signflip5/fedavg-unscreened", "fedavg", "signflip:5", _NO_SCREEN),
+        _small(3, "signflip5/fedavg", "fedavg", "signflip:5"),
+        _small(2, "clean/fedavg", "fedavg", None),
+        _small(2, "signflip5/fedavg", "fedavg", "signflip:5"),
+    )
+}
+# The same on the four LGG hospitals (real non-IID sites of unequal size: simulation.lgg), run by
+# bench/robustness.py --suite screen --lgg DIR: the false-positive check on real data.
+LGG_SCREEN_SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        _small(4, "clean/fedavg", "fedavg", None, prefix="lgg4"),
+        _small(4, "signflip5/fedavg-unscreened", "fedavg", "signflip:5", _NO_SCREEN, prefix="lgg4",
+               attacker="lgg-HT"),
+        _small(4, "signflip5/fedavg", "fedavg", "signflip:5", prefix="lgg4", attacker="lgg-HT"),
     )
 }
 
@@ -138,6 +207,7 @@ def _env(home: Path) -> Iterator[None]:
 def run_scenario(sites: list[Path], scenario: Scenario, home: Path) -> ScenarioResult:
     """Run ``scenario`` over ``sites`` with ``$FEDSEG_HOME=home`` (registry, site caches)."""
     with _env(home):
+        sites = sites[: scenario.sites]
         plan = parse_misbehavior(list(scenario.misbehave), [p.name for p in sites])
         mods = [misbehave_mod(plan, sites)] if plan else None
         grid = LocalGrid(create_client_app(PartitionSites(tuple(sites)), train_mods=mods), len(sites))
@@ -145,13 +215,20 @@ def run_scenario(sites: list[Path], scenario: Scenario, home: Path) -> ScenarioR
         store = RegistryStore.embedded(home)
         lines: list[str] = []
         start = time.monotonic()
-        outcome = run_federation(grid, config, store, progress=lines.append)
+        try:
+            outcome, error = run_federation(grid, config, store, progress=lines.append), None
+        except FederationError as exc:  # e.g. every round refused: nothing to publish
+            outcome, error = None, str(exc)
         seconds = time.monotonic() - start
+    run_id = outcome.run_id if outcome else next(
+        line.split()[2].rstrip(":") for line in lines if line.startswith("federated run "))
     return ScenarioResult(
         scenario=scenario,
-        run_id=outcome.run_id,
-        version=outcome.published.version,
-        metrics=dict(outcome.metrics),
+        run_id=run_id,
+        version=outcome.published.version if outcome else None,
+        error=error,
+        sites=tuple(p.name for p in sites),
+        metrics=dict(outcome.metrics) if outcome else {},
         rounds=[line for line in lines if "Dice pooled" in line],
         rejections=[line for line in lines if "rejected the update of" in line],
         seconds=seconds,
