@@ -39,6 +39,8 @@ bench-privacy: install
 
 bench-robustness: install
 	$(PY) bench/robustness.py
+	$(PY) bench/robustness.py --suite screen
+	$(if $(wildcard ../shared/data/lgg-flair128),$(PY) bench/robustness.py --suite screen-lgg)
 
 bench-aggregation: install
 	$(PY) bench/aggregation_bench.py

@@ -44,7 +44,8 @@ from robustness_scenarios import (  # noqa: E402
 
 SECTION = "Robustness: one of five sites sends NaN or sign-flipped x5 updates"
 SCREEN_SECTION = "Robustness: the update screen, one poisoning site among two to four"
-SUITES = {"five": SCENARIOS, "screen": SCREEN_SCENARIOS}
+SUITES = {"five": SCENARIOS, "screen": SCREEN_SCENARIOS, "screen-lgg": LGG_SCREEN_SCENARIOS}
+LGG_SECTION = "Robustness: the update screen on the four LGG hospitals (false positives)"
 _POOLED = re.compile(r"^round (\d+): Dice pooled ([0-9.]+)")
 
 
@@ -53,9 +54,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=ROOT / "bench" / ".work" / "robustness")
     p.add_argument("--suite", choices=tuple(SUITES), default="five")
     p.add_argument("--scenarios", default="", help="comma-separated names (default: the whole suite)")
-    p.add_argument("--lgg", type=Path, default=None,
-                   help="--suite screen: also run LGG_SCREEN_SCENARIOS on the LGG set in this folder "
-                        "(e.g. ../shared/data/lgg-flair128)")
+    p.add_argument("--lgg", type=Path, default=ROOT.parent / "shared" / "data" / "lgg-flair128",
+                   help="--suite screen-lgg: the LGG FLAIR 128 set (one .npz per institution)")
     p.add_argument("--no-record", action="store_true",
                    help="a smoke run: write neither the JSON under bench/results nor BENCHMARKS.md")
     return p.parse_args()
@@ -102,6 +102,7 @@ def _screen_row(name: str, result) -> dict:  # noqa: ANN001 - ScenarioResult
 def screen_markdown(payload: dict) -> str:
     rows = payload["scenarios"]
     clean = {n: rows.get(f"{n}sites/clean/fedavg", {}).get("dice_pooled") for n in (2, 3, 4)}
+    absent = {n: rows.get(f"{n}sites/absent/fedavg", {}).get("dice_pooled") for n in (2, 3, 4)}
     lines = [
         "The first two, three or four of the five 64 px synthetic hospitals above (seed 1), the "
         f"demo's run config (`{SMALL_RUN_CONFIG}`, min-sites one below the count, at least 2), the "
@@ -110,11 +111,13 @@ def screen_markdown(payload: dict) -> str:
         "defaults (`screen-min-cosine=0`, `screen-max-norm-ratio=3`). Honest scores are the "
         "extremes over every honest site and round of the screen's cosine to the round's median "
         "update and norm over the median norm (with two sites: to the other site's update): the "
-        "margin the defaults leave. Δ is against the clean screened run of the same size.\n",
+        "margin the defaults leave. Δ clean is against the clean screened run of the same size; Δ absent "
+        "against the run in which the last site sends no update (`dropout`: it still evaluates), the "
+        "fair reference for a refused attacker.\n",
         header(payload),
-        "| sites | scenario | strategy | pooled Dice | Δ vs clean | worst | rejected updates (attacker / honest) "
-        "| honest min cosine | honest max norm ratio | pooled Dice by round | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sites | scenario | strategy | pooled Dice | Δ clean | Δ absent | worst | rejected updates "
+        "(attacker / honest) | honest min cosine | honest max norm ratio | pooled Dice by round | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         n, scen = r["sites"], name.split("/", 1)[1]
@@ -123,12 +126,12 @@ def screen_markdown(payload: dict) -> str:
         att = len(r["rejected_rounds"].get(r["attacker"], [])) if r["attacker"] else 0
         hon = sum(len(v) for s, v in r["rejected_rounds"].items() if s != r["attacker"])
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        if r["dice_pooled"] is None:
-            dice, delta, worst = f"none published ({r['error']})", "-", "-"
-        else:
-            dice, worst = f"{r['dice_pooled']:.3f}", fmt(r["dice_min"])
-            delta = f"{r['dice_pooled'] - clean[n]:+.3f}" if clean.get(n) is not None else "-"
-        lines.append(f"| {n} | {scen} ({misbehave}) | {r['strategy']} | {dice} | {delta} | {worst} "
+        d = r["dice_pooled"]
+        delta = lambda ref: "-" if d is None or ref is None else f"{d - ref:+.3f}"  # noqa: E731
+        dice = f"none published ({r['error']})" if d is None else f"{d:.3f}"
+        worst = fmt(r["dice_min"])
+        lines.append(f"| {n} | {scen} ({misbehave}) | {r['strategy']} | {dice} | {delta(clean.get(n))} "
+                     f"| {delta(absent.get(n))} | {worst} "
                      f"| {att} / {hon} | {fmt(r['honest_min_cosine'])} | {fmt(r['honest_max_norm_ratio'])} "
                      f"| {by_round} | {r['seconds']:.0f} |")
     lines.append("")
@@ -203,11 +206,7 @@ def findings(rows: dict, identical: bool | None) -> list[str]:
 
 def main() -> None:
     a = _args()
-    suite = dict(SUITES[a.suite])
-    if a.lgg is not None:
-        if a.suite != "screen":
-            raise SystemExit("--lgg goes with --suite screen")
-        suite.update(LGG_SCREEN_SCENARIOS)
+    suite = SUITES[a.suite]
     names = [n.strip() for n in a.scenarios.split(",") if n.strip()] or list(suite)
     unknown = [n for n in names if n not in suite]
     if unknown:
@@ -215,19 +214,19 @@ def main() -> None:
     work = a.work if a.suite == "five" else a.work.with_name(f"{a.work.name}-{a.suite}")
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.monotonic()
-    sites = write_sites(work / "sites")
-    if any(n in LGG_SCREEN_SCENARIOS for n in names):
+    if a.suite == "screen-lgg":
         from simulation.lgg import import_lgg
 
-        lgg_sites = import_lgg(a.lgg, work / "lgg")
+        sites = import_lgg(a.lgg, work / "lgg")
+    else:
+        sites = write_sites(work / "sites")
     results = {}
     for name in names:
-        over = lgg_sites if name in LGG_SCREEN_SCENARIOS else sites
-        results[name] = run_scenario(over, suite[name], work / "home")
+        results[name] = run_scenario(sites, suite[name], work / "home")
         dice = results[name].metrics.get("dice_pooled")
         print(f"{name:<34} pooled Dice {'-' if dice is None else f'{dice:.3f}'}  "
               f"({results[name].seconds:.0f} s, {len(results[name].rejections)} rejected)", flush=True)
-    if a.suite == "screen":
+    if a.suite != "five":
         _record_screen(a, results, t0)
         return
     identical = None
@@ -263,11 +262,12 @@ def screen_findings(rows: dict) -> list[str]:
     out = []
     get = lambda name: rows.get(name, {}).get("dice_pooled")  # noqa: E731
     for n in (4, 3):
-        clean, raw, screened = (get(f"{n}sites/clean/fedavg"), get(f"{n}sites/signflip5/fedavg-unscreened"),
-                                get(f"{n}sites/signflip5/fedavg"))
+        clean, raw, screened, absent = (get(f"{n}sites/clean/fedavg"), get(f"{n}sites/signflip5/fedavg-unscreened"),
+                                        get(f"{n}sites/signflip5/fedavg"), get(f"{n}sites/absent/fedavg"))
         if None not in (clean, raw, screened):
+            vs_absent = f", {screened - absent:+.3f} vs its update absent" if absent is not None else ""
             out.append(f"{n} sites, sign-flip x5: FedAvg {clean:.3f} clean, {raw:.3f} unscreened, "
-                       f"{screened:.3f} screened ({screened - clean:+.3f} vs clean).")
+                       f"{screened:.3f} screened ({screened - clean:+.3f} vs clean{vs_absent}).")
     median = get("4sites/signflip5/fedmedian-unscreened")
     if median is not None:
         out.append(f"FedMedian under the same attack at four sites: {median:.3f}.")
@@ -286,14 +286,15 @@ def screen_findings(rows: dict) -> list[str]:
 
 def _record_screen(a: argparse.Namespace, results: dict, t0: float) -> None:
     rows = {name: _screen_row(name, r) for name, r in results.items()}
+    name = f"robustness-{a.suite}"
     payload = {
-        "benchmark": "robustness-screen",
+        "benchmark": name,
         "date": now(),
         "machine": machine(),
         "command": command_line(),
         "code_version": git_version(),
-        "json": "bench/results/robustness-screen.json",
-        "sites": SITES,
+        "json": f"bench/results/{name}.json",
+        "sites": SITES if a.suite == "screen" else "LGG FLAIR 128: lgg-CS, lgg-DU, lgg-FG, lgg-HT",
         "scenarios": rows,
         "total_seconds": time.monotonic() - t0,
     }
@@ -305,9 +306,31 @@ def _record_screen(a: argparse.Namespace, results: dict, t0: float) -> None:
         print(json.dumps({n: {k: r[k] for k in ("dice_pooled", "honest_min_cosine", "honest_max_norm_ratio",
                                                 "rejected_rounds")} for n, r in rows.items()}, indent=1))
         return
-    write_json("robustness-screen", payload)
-    update_section(SCREEN_SECTION, screen_markdown(payload))
-    print(f"wrote bench/results/robustness-screen.json and BENCHMARKS.md in {payload['total_seconds']:.0f} s")
+    write_json(name, payload)
+    if a.suite == "screen":
+        update_section(SCREEN_SECTION, screen_markdown(payload))
+    else:
+        update_section(LGG_SECTION, lgg_markdown(payload))
+    print(f"wrote bench/results/{name}.json and BENCHMARKS.md in {payload['total_seconds']:.0f} s")
+
+
+def lgg_markdown(payload: dict) -> str:
+    lines = [
+        "The four LGG hospitals of the quality benchmark (TCGA institutions CS, DU, FG, HT: "
+        "276 to 1390 training slices, different scanners and patients), the demo's run config "
+        f"(`{SMALL_RUN_CONFIG}`, min-sites 3), nobody misbehaving, the update screen at its "
+        "defaults: does it refuse an honest non-IID site? Scores per site are the extremes over "
+        "the rounds of the cosine to the round's median update and the norm over the median norm.\n",
+        header(payload),
+        "| scenario | pooled Dice | rejected updates | site | min cosine | max norm ratio | min norm ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in payload["scenarios"].items():
+        for site, sc in r["screen_scores"].items():
+            dice = "-" if r["dice_pooled"] is None else f"{r['dice_pooled']:.3f}"
+            lines.append(f"| {name} | {dice} | {len(r['rejected_rounds'][site])} | {site} "
+                         f"| {min(sc['cosine']):.3f} | {max(sc['norm_ratio']):.3f} | {min(sc['norm_ratio']):.3f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -219,3 +219,41 @@ def test_scores_are_cosines_to_the_median_and_norms_over_the_median_norm() -> No
     assert score_updates([a]) == [(1.0, 1.0)]
     ((c0, r0), (c1, r1)) = score_updates([a, b])
     assert (c0, c1) == (0.0, 0.0) and (r0, r1) == (0.5, 2.0)
+
+
+@pytest.mark.slow
+def test_a_simulated_four_site_federation_refuses_the_poisoning_site(tmp_path, fedseg_home) -> None:  # noqa: ANN001
+    """The attack end to end: Flower's simulation engine (Ray), the real ServerApp and ClientApp,
+    site-d sending 5x its sign-flipped update through ``--misbehave``."""
+    import json
+    import subprocess
+    import sys
+
+    from registry import default_store
+    from simulation.synthetic import write_synthetic_sites
+
+    sites = write_synthetic_sites(tmp_path / "sites", sites=4, patients_per_site=4, slices=8, size=32, seed=7)
+    fedseg = [sys.executable, "-m", "fedseg.cli"]
+    run = subprocess.run(
+        [*fedseg, "simulate", "run", "--sites-dir", str(tmp_path / "sites"), "--misbehave", "site-d=signflip:5",
+         "--run-config", "num-server-rounds=2 image-size=32 unet-channels='8,16' batch-size=8 min-sites=4 "
+                         "model-name='screen-e2e'"],
+        capture_output=True, text=True, timeout=900,
+    )
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    for server_round in (1, 2):
+        assert f"round {server_round}: rejected the update of site-d: direction: cosine -" in log, log[-4000:]
+    assert all(f"rejected the update of {p.name}" not in log for p in sites[:3]), log[-4000:]
+
+    listed = subprocess.run([*fedseg, "registry", "list", "--format", "json"],
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr
+    (version,) = json.loads(listed.stdout)
+    assert json.loads(version["tags"]["strategy_params"])["screen_max_norm_ratio"] == 3.0
+    client = default_store().client()
+    run_id = version["tags"]["run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "site/site-d/train/rejected")] == [1, 2]
+    assert all(client.get_metric_history(run_id, f"site/{p.name}/train/rejected") == [] for p in sites[:3])
+    cosines = client.get_metric_history(run_id, "site/site-d/train/screen_cosine")
+    assert len(cosines) == 2 and all(m.value < 0 for m in cosines)
