@@ -213,7 +213,7 @@ def main() -> None:
         raise SystemExit(f"unknown scenario(s) {unknown}; choose from {', '.join(suite)}")
     work = a.work if a.suite == "five" else a.work.with_name(f"{a.work.name}-{a.suite}")
     shutil.rmtree(work, ignore_errors=True)
-    t0 = time.monotonic()
+    t0, version = time.monotonic(), git_version()  # the code that runs, not what HEAD is at the end
     if a.suite == "screen-lgg":
         from simulation.lgg import import_lgg
 
@@ -227,7 +227,7 @@ def main() -> None:
         print(f"{name:<34} pooled Dice {'-' if dice is None else f'{dice:.3f}'}  "
               f"({results[name].seconds:.0f} s, {len(results[name].rejections)} rejected)", flush=True)
     if a.suite != "five":
-        _record_screen(a, results, t0)
+        _record_screen(a, results, t0, version)
         return
     identical = None
     if "nan/fedavg" in results and "absent/fedavg" in results:
@@ -284,7 +284,7 @@ def screen_findings(rows: dict) -> list[str]:
     return out
 
 
-def _record_screen(a: argparse.Namespace, results: dict, t0: float) -> None:
+def _record_screen(a: argparse.Namespace, results: dict, t0: float, version: str) -> None:
     rows = {name: _screen_row(name, r) for name, r in results.items()}
     name = f"robustness-{a.suite}"
     payload = {
@@ -292,7 +292,7 @@ def _record_screen(a: argparse.Namespace, results: dict, t0: float) -> None:
         "date": now(),
         "machine": machine(),
         "command": command_line(),
-        "code_version": git_version(),
+        "code_version": version,
         "json": f"bench/results/{name}.json",
         "sites": SITES if a.suite == "screen" else "LGG FLAIR 128: lgg-CS, lgg-DU, lgg-FG, lgg-HT",
         "scenarios": rows,
