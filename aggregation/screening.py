@@ -113,28 +113,28 @@ def score_updates(updates: Sequence[_Flat]) -> list[tuple[float, float]]:
     n = len(updates)
     if n < 2:
         return [(1.0, 1.0)] * n
-    sq = [0.0] * n
-    dots = [0.0] * n  # with the centre (n >= 3) or with the other update (n == 2)
+    sq = np.zeros(n)
+    dots = np.zeros(n)  # with the centre (n >= 3) or with the other update (n == 2)
     centre_sq = 0.0
     for key in [k for k in updates[0] if all(k in u for u in updates)]:
         stack = np.stack([u[key].ravel() for u in updates])
-        sq = [s + float(np.dot(row, row)) for s, row in zip(sq, stack, strict=True)]
+        # einsum, not np.dot per row: BLAS calls on small vectors stall on a loaded machine
+        sq += np.einsum("ij,ij->i", stack, stack)
         if n == 2:
-            d = float(np.dot(stack[0], stack[1]))
-            dots = [dots[0] + d, dots[1] + d]
+            dots += np.einsum("j,j->", stack[0], stack[1])
         else:
             centre = np.median(stack, axis=0)
-            centre_sq += float(np.dot(centre, centre))
-            dots = [s + float(np.dot(row, centre)) for s, row in zip(dots, stack, strict=True)]
-    norms = [math.sqrt(s) for s in sq]
+            centre_sq += float(np.einsum("j,j->", centre, centre))
+            dots += np.einsum("ij,j->i", stack, centre)
+    norms = [math.sqrt(float(s)) for s in sq]
     if n == 2:
         ratios = [norms[0] / norms[1] if norms[1] > 0 else math.inf,
                   norms[1] / norms[0] if norms[0] > 0 else math.inf]
-        cos = _cosine(dots[0], norms[0], norms[1])
+        cos = _cosine(float(dots[0]), norms[0], norms[1])
         return [(cos, ratios[0]), (cos, ratios[1])]
     median_norm = statistics.median(norms)
     centre_norm = math.sqrt(centre_sq)
-    return [(_cosine(d, nm, centre_norm), nm / median_norm if median_norm > 0 else 1.0)
+    return [(_cosine(float(d), nm, centre_norm), nm / median_norm if median_norm > 0 else 1.0)
             for d, nm in zip(dots, norms, strict=True)]
 
 

@@ -4,8 +4,9 @@ Every aggregator is called the way the ServerApp calls it, ``aggregate_train(rou
 on real Flower reply Messages (an ArrayRecord of the update, a MetricRecord with
 ``num-examples``, the site's ConfigRecord), built fresh before each call and not timed:
 
-- ``fedseg pipeline``: ``ValidatingStrategy(QuorumStrategy(FedAvg))`` as ``server/federation.py``
-  builds it (stale / duplicate / schema / finite / norm checks, then Flower's FedAvg);
+- ``fedseg pipeline``: ``ValidatingStrategy(ScreeningStrategy(QuorumStrategy(FedAvg)))`` as
+  ``server/federation.py`` builds it (stale / duplicate / schema / finite / norm checks, the
+  update screen, then Flower's FedAvg);
 - ``fedseg full chain``: the same wrapped in ``SiteReportingStrategy`` (per-site metrics and
   update norms; the MLflow logging callback is a no-op here) and ``RoundRetryStrategy``;
 - Flower's own ``FedAvg``, ``FedMedian``, ``Krum`` (f=1) and ``FedTrimmedAvg`` (beta=0.2) alone;
@@ -49,7 +50,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Strategy  # noqa: E402
 from local_grid import LocalGrid  # noqa: E402  (tests/: a Grid that only samples nodes here)
 
-from aggregation import QuorumStrategy, RoundRetryStrategy, SiteReportingStrategy, ValidatingStrategy  # noqa: E402
+from aggregation import (  # noqa: E402
+    QuorumStrategy,
+    RoundRetryStrategy,
+    ScreeningStrategy,
+    SiteReportingStrategy,
+    ValidatingStrategy,
+)
 from imaging.model import build_unet  # noqa: E402
 from imaging.spec import ModelSpec  # noqa: E402
 from server.config import FederationConfig  # noqa: E402
@@ -161,8 +168,9 @@ def _sampling(n: int) -> dict:
 
 def _pipeline(n: int, full: bool) -> Strategy:
     rejected: list[str] = []
-    validated = ValidatingStrategy(QuorumStrategy(FedAvg(**_sampling(n)), n, join_timeout=60.0),
-                                   norm_factor=10.0, on_reject=lambda r, s, m: rejected.append(m))
+    quorum = QuorumStrategy(FedAvg(**_sampling(n)), n, join_timeout=60.0)
+    screened = ScreeningStrategy(quorum, on_reject=lambda r, s, m: rejected.append(m))
+    validated = ValidatingStrategy(screened, norm_factor=10.0, on_reject=lambda r, s, m: rejected.append(m))
     if not full:
         return validated
     reporting = SiteReportingStrategy(validated, lambda phase, rnd, sites, errors: None)
@@ -170,7 +178,7 @@ def _pipeline(n: int, full: bool) -> Strategy:
 
 
 CONTENDERS: dict[str, Callable[[int], Strategy]] = {
-    "fedseg pipeline (validation + quorum + FedAvg)": lambda n: _pipeline(n, full=False),
+    "fedseg pipeline (validation + screen + quorum + FedAvg)": lambda n: _pipeline(n, full=False),
     "fedseg full chain (+ site reporting, retry)": lambda n: _pipeline(n, full=True),
     "Flower FedAvg": lambda n: FedAvg(**_sampling(n)),
     "Flower FedMedian": lambda n: FedMedian(**_sampling(n)),
@@ -281,7 +289,7 @@ def markdown(payload: dict) -> str:
         f"{m['bytes_per_update'] / 1024:.1f} KiB per update as float32, "
         f"{m['serialized_bytes_per_update'] / 1024:.1f} KiB serialized). Time: best of "
         f"{payload['settings']['repeats']} calls after a warm-up (medians in the JSON); peak: what one call allocates "
-        "(tracemalloc). `fedseg pipeline` is `ValidatingStrategy(QuorumStrategy(FedAvg))` as the "
+        "(tracemalloc). `fedseg pipeline` is `ValidatingStrategy(ScreeningStrategy(QuorumStrategy(FedAvg)))` as the "
         "ServerApp builds it; `full chain` adds per-site reporting (update norms; MLflow logging "
         "stubbed) and the round retry. Baselines: one numpy pass over the same bytes in memory.\n",
         header(payload),
