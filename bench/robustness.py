@@ -56,6 +56,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--scenarios", default="", help="comma-separated names (default: the whole suite)")
     p.add_argument("--lgg", type=Path, default=ROOT.parent / "shared" / "data" / "lgg-flair128",
                    help="--suite screen-lgg: the LGG FLAIR 128 set (one .npz per institution)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="screen suites: scenarios run at once, each in its own process and $FEDSEG_HOME "
+                        "(1 torch thread each)")
     p.add_argument("--no-record", action="store_true",
                    help="a smoke run: write neither the JSON under bench/results nor BENCHMARKS.md")
     return p.parse_args()
@@ -220,15 +223,15 @@ def main() -> None:
         sites = import_lgg(a.lgg, work / "lgg")
     else:
         sites = write_sites(work / "sites")
+    if a.suite != "five":
+        _record_screen(a, _screen_rows(a, names, sites, work), t0, version)
+        return
     results = {}
     for name in names:
         results[name] = run_scenario(sites, suite[name], work / "home")
         dice = results[name].metrics.get("dice_pooled")
         print(f"{name:<34} pooled Dice {'-' if dice is None else f'{dice:.3f}'}  "
               f"({results[name].seconds:.0f} s, {len(results[name].rejections)} rejected)", flush=True)
-    if a.suite != "five":
-        _record_screen(a, results, t0, version)
-        return
     identical = None
     if "nan/fedavg" in results and "absent/fedavg" in results:
         import torch
@@ -268,6 +271,13 @@ def screen_findings(rows: dict) -> list[str]:
             vs_absent = f", {screened - absent:+.3f} vs its update absent" if absent is not None else ""
             out.append(f"{n} sites, sign-flip x5: FedAvg {clean:.3f} clean, {raw:.3f} unscreened, "
                        f"{screened:.3f} screened ({screened - clean:+.3f} vs clean{vs_absent}).")
+    for n in (4, 3):
+        x, y = (rows.get(f"{n}sites/signflip5/fedavg", {}).get("weights_sha256"),
+                rows.get(f"{n}sites/absent/fedavg", {}).get("weights_sha256"))
+        if x and y:
+            out.append(f"{n} sites: the screened run's published weights are "
+                       f"{'identical to the bit to' if x == y else 'NOT identical to'} those of the run "
+                       "in which the attacker sends no update: a refused update has no influence.")
     median = get("4sites/signflip5/fedmedian-unscreened")
     if median is not None:
         out.append(f"FedMedian under the same attack at four sites: {median:.3f}.")
@@ -284,8 +294,40 @@ def screen_findings(rows: dict) -> list[str]:
     return out
 
 
-def _record_screen(a: argparse.Namespace, results: dict, t0: float, version: str) -> None:
-    rows = {name: _screen_row(name, r) for name, r in results.items()}
+def _screen_job(job: tuple[str, str, list[Path], Path, int]) -> tuple[str, dict]:
+    """One screen scenario in its own ``$FEDSEG_HOME``: its row, with the published weights' hash."""
+    import hashlib
+
+    import torch
+
+    suite, name, sites, home, threads = job
+    torch.set_num_threads(threads)
+    result = run_scenario(sites, SUITES[suite][name], home)
+    row = _screen_row(name, result)
+    if result.version is not None:
+        h = hashlib.sha256()
+        for key, value in sorted(result.state_dict().items()):
+            h.update(key.encode() + value.cpu().numpy().tobytes())
+        row["weights_sha256"] = h.hexdigest()
+    dice = row["dice_pooled"]
+    print(f"{name:<34} pooled Dice {'-' if dice is None else f'{dice:.3f}'}  "
+          f"({row['seconds']:.0f} s, {row['rejections']} rejected)", flush=True)
+    return name, row
+
+
+def _screen_rows(a: argparse.Namespace, names: list[str], sites: list[Path], work: Path) -> dict[str, dict]:
+    jobs = [(a.suite, n, sites, work / ("home-" + n.replace("/", "-")), 1 if a.jobs > 1 else 2) for n in names]
+    if a.jobs <= 1:
+        return dict(_screen_job(j) for j in jobs)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = dict(pool.map(_screen_job, jobs))
+    return {n: done[n] for n in names}
+
+
+def _record_screen(a: argparse.Namespace, rows: dict, t0: float, version: str) -> None:
     name = f"robustness-{a.suite}"
     payload = {
         "benchmark": name,
@@ -296,6 +338,7 @@ def _record_screen(a: argparse.Namespace, results: dict, t0: float, version: str
         "json": f"bench/results/{name}.json",
         "sites": SITES if a.suite == "screen" else "LGG FLAIR 128: lgg-CS, lgg-DU, lgg-FG, lgg-HT",
         "scenarios": rows,
+        "jobs": a.jobs,
         "total_seconds": time.monotonic() - t0,
     }
     payload["findings"] = screen_findings(rows)

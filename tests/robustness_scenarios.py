@@ -148,19 +148,14 @@ def _small(n: int, name: str, strategy: str, kind: str | None, extra: str = "", 
 SCREEN_SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        _small(4, "clean/fedavg-unscreened", "fedavg", None, _NO_SCREEN),
         _small(4, "clean/fedavg", "fedavg", None),
-        # the fair reference for a refused attacker: its update absent, its evaluation counted
-        _small(4, "absent/fedavg", "fedavg", "dropout"),
         _small(4, "signflip5/fedavg-unscreened", "fedavg", "signflip:5", _NO_SCREEN),
         _small(4, "signflip5/fedavg", "fedavg", "signflip:5"),
         _small(4, "signflip5/fedmedian-unscreened", "fedmedian", "signflip:5", f"num-malicious=1 {_NO_SCREEN}"),
-        _small(4, "signflip1/fedavg", "fedavg", "signflip:1"),
-        _small(4, "scale5/fedavg-unscreened", "fedavg", "scale:5", _NO_SCREEN),
+        # the fair reference for a refused attacker: its update absent, its evaluation counted
+        _small(4, "absent/fedavg", "fedavg", "dropout"),
         _small(4, "scale5/fedavg", "fedavg", "scale:5"),
         _small(3, "clean/fedavg", "fedavg", None),
-        _small(3, "absent/fedavg", "fedavg", "dropout"),
-        _small(3, "signflip5/fedavg-unscreened", "fedavg", "signflip:5", _NO_SCREEN),
         _small(3, "signflip5/fedavg", "fedavg", "signflip:5"),
         _small(2, "clean/fedavg", "fedavg", None),
         _small(2, "signflip5/fedavg", "fedavg", "signflip:5"),
