@@ -1,4 +1,5 @@
-"""Robustness with figures: one of five hospitals misbehaves, the global model does not suffer.
+"""Robustness with figures: one of five hospitals misbehaves, the global model does not suffer;
+one of four poisons, and the update screen refuses it (``SCREEN_SCENARIOS``).
 
 Five 64 px synthetic hospitals, the demo's model and local training for 10 rounds, every round
 through the real ServerApp logic and ClientApp (see ``robustness_scenarios.py``). Seeded, so
