@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,6 +155,9 @@ class ScreeningStrategy(Strategy):
     all_or_nothing : bool
         Client-level DP: any refusal voids the round (Flower's DP wrapper is calibrated for
         every sampled site).
+    ignore_keys : collection of str
+        Arrays left out of the scores: with FedBN-style ``local-norm`` the sites' normalisation
+        layers are their own, not steps from the global ones.
 
     Notes
     -----
@@ -171,8 +174,10 @@ class ScreeningStrategy(Strategy):
         on_scores: OnScores | None = None,
         *,
         all_or_nothing: bool = False,
+        ignore_keys: Collection[str] = (),
     ) -> None:
         self.inner = inner
+        self.ignore_keys = frozenset(ignore_keys)
         self.settings = settings or ScreenSettings()
         self.on_reject: OnReject = on_reject or (lambda _r, _s, _m: None)
         self.on_scores: OnScores = on_scores or (lambda _r, _s: None)
@@ -224,7 +229,7 @@ class ScreeningStrategy(Strategy):
         assert self._sent is not None
         content = [i for i, m in enumerate(replies) if not m.has_error()]
         sent = {k: v.astype(np.float64) for k, a in self._sent.items()
-                if np.issubdtype((v := decode_array(a)).dtype, np.inexact)}
+                if k not in self.ignore_keys and np.issubdtype((v := decode_array(a)).dtype, np.inexact)}
         updates = [_update(sent, replies[i]) for i in content]
         scored = score_updates(updates)
         sites = [claimed_site(replies[i]) for i in content]

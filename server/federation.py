@@ -23,6 +23,7 @@ from aggregation import (
     UpdateScore,
     ValidatingStrategy,
     build_strategy,
+    norm_parameter_names,
     restore_strategy_state,
     strategy_state,
     summarize_evaluation,
@@ -265,8 +266,11 @@ def run_federation(
 
     base = build_strategy(config.strategy)
     quorum = QuorumStrategy(base, config.strategy.min_sites, config.join_timeout)
+    # with local-norm the sites' normalisation layers are their own: not part of a step
+    local = (norm_parameter_names(initial.keys(), build_unet(spec))
+             if config.instructions.local_norm else frozenset())
     screened = ScreeningStrategy(quorum, config.screen, on_reject, on_scores,
-                                 all_or_nothing=config.strategy.client_dp)
+                                 all_or_nothing=config.strategy.client_dp, ignore_keys=local)
     validated = ValidatingStrategy(screened, expected=initial,
                                    norm_factor=config.update_norm_factor, on_reject=on_reject,
                                    on_reject_evaluate=on_reject_evaluate,

@@ -157,6 +157,7 @@ SCREEN_SCENARIOS: dict[str, Scenario] = {
         _small(4, "scale5/fedavg", "fedavg", "scale:5"),
         _small(3, "clean/fedavg", "fedavg", None),
         _small(3, "signflip5/fedavg", "fedavg", "signflip:5"),
+        _small(3, "absent/fedavg", "fedavg", "dropout"),
         _small(2, "clean/fedavg", "fedavg", None),
         _small(2, "signflip5/fedavg", "fedavg", "signflip:5"),
     )

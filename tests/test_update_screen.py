@@ -61,13 +61,15 @@ class Recording(FedAvg):
 class Chain:
     """The ServerApp's validation and screen around a recording FedAvg, one round at a time."""
 
-    def __init__(self, settings: ScreenSettings | None = None, *, all_or_nothing: bool = False) -> None:
+    def __init__(self, settings: ScreenSettings | None = None, *, all_or_nothing: bool = False,
+                 ignore_keys: frozenset[str] = frozenset()) -> None:
         self.inner = Recording()
         self.rejected: list[tuple[int, str, str]] = []
         self.scores: list = []
         on_reject = lambda r, s, m: self.rejected.append((r, s, m))  # noqa: E731
         self.screen = ScreeningStrategy(self.inner, settings, on_reject,
-                                        lambda r, s: self.scores.extend(s), all_or_nothing=all_or_nothing)
+                                        lambda r, s: self.scores.extend(s), all_or_nothing=all_or_nothing,
+                                        ignore_keys=ignore_keys)
         self.strategy = ValidatingStrategy(self.screen, on_reject=on_reject, all_or_nothing=all_or_nothing)
 
     def round(self, updates: list[dict[str, np.ndarray]], server_round: int = 1):  # noqa: ANN201
@@ -188,6 +190,18 @@ def test_client_level_dp_voids_a_round_with_a_screened_update() -> None:
     chain = Chain(all_or_nothing=True)
     assert chain.round(updates) == (None, None)
     assert [s for _, s, _ in chain.rejected] == ["site-d"] and chain.inner.seen == []
+
+
+def test_with_local_norm_the_sites_own_layers_are_not_scored() -> None:
+    """FedBN: each site sends its own normalisation layers, far from the global average."""
+    updates = _honest_updates(4)
+    updates[2]["enc.bias"] = updates[2]["enc.bias"] - 1.5  # site-c's own layer: 6x a step, inside 10x
+    plain = Chain()
+    plain.round(updates)
+    assert [s for _, s, _ in plain.rejected] == ["site-c"]
+    local = Chain(ignore_keys=frozenset({"enc.bias"}))
+    local.round(updates)
+    assert local.rejected == [] and local.aggregated_sites() == list(SITES)
 
 
 def test_thresholds_come_from_the_run_config_and_bad_ones_are_refused() -> None:
