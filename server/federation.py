@@ -259,6 +259,7 @@ def run_federation(
         progress(f"round {server_round}: rejected the evaluation of {site}: {reason}")
         run.log_metrics({f"site/{site}/evaluate/rejected": 1.0, "evaluate/rejected_replies": 1.0},
                         step=server_round)
+
     def on_scores(server_round: int, scores: list[UpdateScore]) -> None:
         run.log_metrics({m: v for s in scores for m, v in (
             (f"site/{s.site}/train/screen_cosine", s.cosine),
