@@ -17,6 +17,8 @@ a tolerance of 0.01 would allow, for reasons unrelated to the NaN.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from robustness_scenarios import ATTACKER, SCENARIOS, SCREEN_SCENARIOS, ScenarioResult, run_scenario, write_sites
@@ -109,7 +111,11 @@ def test_the_update_screen_refuses_a_poisoning_site_among_four(scenario) -> None
     assert unscreened.rejections == []
     # ... and with it the attacker is refused every round, by name, and counted per site
     assert len(screened.rejections) == rounds, screened.rejections
-    assert all("rejected the update of site-d: direction: cosine -" in line for line in screened.rejections)
+    # round 1 by direction; later, with site-d's data no longer in the model, its honest update
+    # points away from the others and its flip towards them, and its size (about 5x) gives it away
+    assert "round 1: rejected the update of site-d: direction: cosine -" in screened.rejections[0]
+    assert all(re.search(r"rejected the update of site-d: (direction|norm-ratio): ", line)
+               for line in screened.rejections), screened.rejections
     assert [step for step, _ in screened.history("site/site-d/train/rejected")] == list(range(1, rounds + 1))
     assert all(screened.history(f"site/{s}/train/rejected") == [] for s in ("site-a", "site-b", "site-c"))
     assert abs(screened.metrics["dice_pooled"] - clean.metrics["dice_pooled"]) <= SCREEN_TOLERANCE, screened.rounds
@@ -123,4 +129,5 @@ def test_the_update_screen_refuses_nothing_from_three_honest_sites_and_the_attac
     clean, screened = scenario("3sites/clean/fedavg"), scenario("3sites/signflip5/fedavg")
     assert clean.rejections == [], clean.rejections
     assert len(screened.rejections) == len(screened.rounds)
-    assert all("rejected the update of site-c: direction" in line for line in screened.rejections)
+    assert all(re.search(r"rejected the update of site-c: (direction|norm-ratio): ", line)
+               for line in screened.rejections), screened.rejections
