@@ -1244,6 +1244,7 @@ def test_images_bind_the_superlink_to_loopback() -> None:
     assert sum(image_command(DOCKER / "gateway.Dockerfile"), [])[:3] == ["nginx", "-c", GATEWAY_CONF]
 
 
+@pytest.mark.adversarial
 def test_the_coordinators_deployments_refuse_runs_without_enrolled_sites() -> None:
     """Shipped coordinators fail closed on site identity (issue 15, item 5): the ServerApp requires
     enrolment and reads the enrolment directory from a mount, so no run trusts self-reported names."""

@@ -309,6 +309,7 @@ def test_each_failure_leaves_a_site_as_its_code_and_its_text_stays_in_the_audit_
     assert coded_failure(replies["FEDSEG-DATA-001"], "FEDSEG-DATA-001")["problems"] == {"not-dicom": 1}
 
 
+@pytest.mark.adversarial
 def test_the_coordinator_withholds_error_text_that_is_not_a_failure_code(tmp_path: Path) -> None:
     """A site running some other ClientApp sends an exception's text: no log or journal sees it."""
     values = _planted("BADA")

@@ -134,6 +134,7 @@ def test_site_facts_that_break_the_contract_name_the_key(record: dict, message: 
     assert str(info.value).startswith(message), info.value
 
 
+@pytest.mark.adversarial
 def test_the_validating_strategy_refuses_contract_breaches_per_site_and_aggregates_the_rest() -> None:
     inner, rejected = Recording(), []
     strategy = ValidatingStrategy(inner, on_reject=lambda r, s, m: rejected.append((s, m)))
@@ -155,6 +156,7 @@ def test_the_validating_strategy_refuses_contract_breaches_per_site_and_aggregat
     ]
 
 
+@pytest.mark.adversarial
 def test_a_bad_evaluate_reply_is_refused_and_counted_not_summarised() -> None:
     inner, rejected, reported = Recording(), [], []
     chain = SiteReportingStrategy(

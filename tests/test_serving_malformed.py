@@ -148,6 +148,7 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+@pytest.mark.adversarial
 def test_malformed_corpus_is_refused_without_growth(client: TestClient, good: list[Path]) -> None:
     corpus = {name: (make(good), code, text) for name, (make, code, text) in CORPUS.items()}
     assert len(corpus["deflate-bomb"][0]) < 8 * MIB  # small on the wire, 1 GiB inflated

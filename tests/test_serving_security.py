@@ -87,6 +87,7 @@ def test_same_secret_hashes_differently_per_key() -> None:
 # ----------------------------------------------------------------------------- auth matrix
 
 
+@pytest.mark.adversarial
 def test_no_or_bad_credentials_are_401_with_a_challenge(client: TestClient) -> None:
     none = client.post("/v1/predict")
     assert none.status_code == 401
@@ -99,6 +100,7 @@ def test_no_or_bad_credentials_are_401_with_a_challenge(client: TestClient) -> N
         assert 'error="invalid_token"' in bad.headers["www-authenticate"]
 
 
+@pytest.mark.adversarial
 def test_scopes_decide_what_a_key_may_call(client: TestClient, tmp_path: Path) -> None:
     predict, monitor, admin = (new_key(n, n) for n in ("predict", "monitor", "admin"))
     series = parts(write_tiny_series(tmp_path, "scopes"))
@@ -253,6 +255,7 @@ def test_unusable_jwt_keys_are_config_errors(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- body limit
 
 
+@pytest.mark.adversarial
 def test_content_length_over_the_limit_is_413_without_reading() -> None:
     key = new_key("big", "predict")
     big = b"\0" * (1024 * 1024 + 1)

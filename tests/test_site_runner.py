@@ -86,6 +86,7 @@ def test_the_gate_allows_a_listed_package_and_refuses_any_other_naming_the_rule(
     assert verify_audit_log(gate.audit_file).ok
 
 
+@pytest.mark.adversarial
 def test_the_gate_checks_a_trusted_publishers_signature_over_the_content(
     tiny_fab: tuple[Path, bytes], tmp_path: Path
 ) -> None:
