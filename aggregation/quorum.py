@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from .delegating import DelegatingStrategy
 from .errors import AggregationError
 
 __all__ = ["QuorumStrategy", "QuorumNotReachedError"]
@@ -23,7 +24,7 @@ class QuorumNotReachedError(AggregationError):
     """Fewer sites than the minimum were connected when a round had to start."""
 
 
-class QuorumStrategy(Strategy):
+class QuorumStrategy(DelegatingStrategy):
     """Delegates to ``inner`` once at least ``min_sites`` nodes are connected."""
 
     def __init__(self, inner: Strategy, min_sites: int, join_timeout: float,
@@ -46,9 +47,6 @@ class QuorumStrategy(Strategy):
                 )
             time.sleep(self.poll_seconds)
 
-    def summary(self) -> None:
-        self.inner.summary()
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -60,11 +58,3 @@ class QuorumStrategy(Strategy):
     ) -> Iterable[Message]:
         self._wait(grid, server_round, "evaluate")
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round, replies)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)

@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from .delegating import DelegatingStrategy
 from .site_metrics import SiteMetrics, site_metrics
 
 __all__ = ["SiteReportingStrategy", "RoundReport"]
@@ -19,7 +20,7 @@ _T = TypeVar("_T")
 RoundReport = Callable[[str, int, list[SiteMetrics], list[str]], None]
 
 
-class SiteReportingStrategy(Strategy):
+class SiteReportingStrategy(DelegatingStrategy):
     """Wraps any Message-API strategy; the round loop stays Flower's own.
 
     Each round is reported once ``inner`` has aggregated it (also when it raises), leaving out
@@ -34,19 +35,11 @@ class SiteReportingStrategy(Strategy):
         self.unverified = unverified or (lambda _phase: ())
         self._sent: ArrayRecord | None = None  # this round's global weights, for update norms
 
-    def summary(self) -> None:
-        self.inner.summary()
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = arrays
         return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

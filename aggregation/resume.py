@@ -15,13 +15,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from .delegating import DelegatingStrategy
+
 __all__ = ["ResumingStrategy", "OnRoundEnd"]
 
 # (server round just completed, the global arrays after it, whether aggregation gave new weights)
 OnRoundEnd = Callable[[int, ArrayRecord, bool], None]
 
 
-class ResumingStrategy(Strategy):
+class ResumingStrategy(DelegatingStrategy):
     """Delegates to ``inner`` with rounds offset by ``completed_rounds``."""
 
     def __init__(self, inner: Strategy, on_round_end: OnRoundEnd, completed_rounds: int = 0) -> None:
@@ -30,9 +32,6 @@ class ResumingStrategy(Strategy):
         self.inner, self.on_round_end, self.offset = inner, on_round_end, completed_rounds
         self._arrays: ArrayRecord | None = None  # the global arrays this round evaluates
         self._updated = False
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from .delegating import DelegatingStrategy
 from .errors import AggregationError
 
 __all__ = ["RoundRetryStrategy", "RoundBelowMinimumError"]
@@ -27,7 +28,7 @@ class RoundBelowMinimumError(AggregationError):
     """A round kept getting fewer answers than ``min_sites``."""
 
 
-class RoundRetryStrategy(Strategy):
+class RoundRetryStrategy(DelegatingStrategy):
     """Delegates to ``inner``; re-sends a train round that got fewer than ``min_sites`` answers."""
 
     def __init__(self, inner: Strategy, min_sites: int, retries: int, timeout: float) -> None:
@@ -35,9 +36,6 @@ class RoundRetryStrategy(Strategy):
             raise ValueError("min_sites must be >= 1, retries >= 0 and timeout > 0")
         self.inner, self.min_sites, self.retries, self.timeout = inner, min_sites, retries, timeout
         self._sent: tuple[ArrayRecord, ConfigRecord, Grid] | None = None
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -65,14 +63,6 @@ class RoundRetryStrategy(Strategy):
                 self.inner.configure_train(server_round, arrays, config, grid), timeout=self.timeout
             ))
         return self.inner.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 def _answered(replies: list[Message]) -> int:

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .arrays import decode_array
+from .delegating import DelegatingStrategy
 from .errors import StrategyConfigError
 from .replies import claimed_site
 from .validation import OnReject, Rejection
@@ -138,7 +139,7 @@ def score_updates(updates: Sequence[_Flat]) -> list[tuple[float, float]]:
             for d, nm in zip(dots, norms, strict=True)]
 
 
-class ScreeningStrategy(Strategy):
+class ScreeningStrategy(DelegatingStrategy):
     """Refuses updates far from the round's robust centre, then lets ``inner`` aggregate the rest.
 
     Parameters
@@ -186,22 +187,11 @@ class ScreeningStrategy(Strategy):
         self.scores: list[UpdateScore] = []  # the last aggregated round's
         self._sent: ArrayRecord | None = None
 
-    def summary(self) -> None:
-        self.inner.summary()
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent = arrays
         return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from imaging.replies import arrays_digest
 
 from .arrays import decode_array, declared_mismatch
+from .delegating import DelegatingStrategy
 from .identity import SiteIdentities
 from .replies import Phase, ReplyError, claimed_site, read_reply
 from .site_metrics import update_norm
@@ -156,7 +157,7 @@ def keep_common_metrics(replies: list[Message]) -> list[str]:
 # ----------------------------------------------------------------------------- the wrapper
 
 
-class ValidatingStrategy(Strategy):
+class ValidatingStrategy(DelegatingStrategy):
     """Drops replies that must not be aggregated, then lets ``inner`` aggregate the rest.
 
     Parameters
@@ -230,9 +231,6 @@ class ValidatingStrategy(Strategy):
         self._sent_arrays: ArrayRecord | None = None
         self._sent_float64: dict[str, np.ndarray] | None = None  # decoded once per round
         self._sent: list[Message] = []
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
